@@ -1,0 +1,25 @@
+"""collapse_jax: batched JAX Monte Carlo of model-collapse workflows.
+
+Importing the package turns on JAX's float64 support (``jax_enable_x64``):
+statistics are always accumulated in float64 and fits may run in float64.
+Arrays that collapse_jax creates carry an explicit dtype, so float32 runs stay
+float32 where asked.
+"""
+
+import importlib.metadata
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from ._config import SimulationConfig as SimulationConfig  # noqa: E402
+from ._statistics import Moments as Moments  # noqa: E402
+from ._statistics import Summary as Summary  # noqa: E402
+from ._statistics import block_moments as block_moments  # noqa: E402
+from ._statistics import merge_moments as merge_moments  # noqa: E402
+from ._statistics import summarize as summarize  # noqa: E402
+
+try:
+    __version__ = importlib.metadata.version("collapse_jax")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
