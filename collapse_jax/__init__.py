@@ -13,6 +13,13 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from ._config import SimulationConfig as SimulationConfig  # noqa: E402
+from ._driver import SimulationResult as SimulationResult  # noqa: E402
+from ._driver import simulate as simulate  # noqa: E402
+from ._driver import simulate_trajectories as simulate_trajectories  # noqa: E402
+from ._engine import Trajectory as Trajectory  # noqa: E402
+from ._estimators import FitResult as FitResult  # noqa: E402
+from ._estimators import least_squares as least_squares  # noqa: E402
+from ._estimators import logistic_newton as logistic_newton  # noqa: E402
 from ._statistics import Moments as Moments  # noqa: E402
 from ._statistics import Summary as Summary  # noqa: E402
 from ._statistics import block_moments as block_moments  # noqa: E402

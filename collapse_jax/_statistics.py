@@ -155,6 +155,8 @@ def summarize(m: Moments) -> Summary:
         mse_se = np.sqrt(np.clip(q, 0, None) / count)
         cov = cov_f[:, :d, :d] * bessel[:, None, None]
 
+    # Generation 1 against itself: the ratio is 1 by definition, exactly, with no error.
+    coord_ratio[0], coord_se[0], ratio[0], ratio_se[0] = 1.0, 0.0, 1.0, 0.0
     few = count < 2
     for arr in (coord_ratio, coord_se, ratio, ratio_se, mse_se, cov):
         arr[few] = np.nan

@@ -1,0 +1,327 @@
+"""Time `collapse_jax.simulate` against plain-numpy baselines, side by side.
+
+    python benchmarks/bench_engine.py [--trajectories R] [--quick] [--json PATH]
+
+One process, one table.  For each case (model x workflow x design x dtype,
+n=100, d=10, G=50) it times
+
+- the engine (`collapse_jax.simulate`): the median over `--repeats` calls
+  of wall time minus the compile time each call reports (the first call
+  compiles and its compile time has its own column; the driver caches the
+  compiled program, so later calls compile nothing);
+- the vectorized numpy baseline (`numpy_baselines.simulate_vectorized`) on
+  the same configuration and trajectory count: median of `--repeats` calls;
+- the per-trajectory loop of published research code
+  (`numpy_baselines.simulate_loop`) on `--loop-trajectories` trajectories:
+  one call.
+
+A first call whose run takes over 5 s is not repeated.
+
+Rates are fits per second, fits = trajectories x generations, so rows with
+different trajectory counts compare.  Ratios are engine rate / baseline rate
+from this run only.  "draw" says how the engine and the vectorized baseline
+draw OLS data: ``stats`` samples the sufficient statistics (X^T X by
+Bartlett's decomposition, X^T eps given X^T X), ``data`` draws (X, y).  The
+loop baseline always draws data.  Column ``|z|max`` is the largest
+|difference| of the engine's and the numpy baseline's variance ratio over
+generations, in combined standard errors: a check that both computed the
+same thing.
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: when set in the environment, they can
+slow OpenBLAS on some processors.  numpy uses OpenBLAS, and so does the
+engine for its CPU LAPACK calls (jaxlib takes them from scipy's OpenBLAS).
+Unless ``--keep-openblas-env`` is given, the script re-executes itself once
+with both variables removed, so that the whole command (engine and baselines
+alike) runs without them; the table header and the JSON record say what was
+set and what was done.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+_REEXEC_MARK = "COLLAPSE_BENCH_REMOVED_OPENBLAS_ENV"
+REPORTED_ENV = (*OPENBLAS_VARS, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
+
+
+def _reexec_without_openblas_env() -> None:
+    """Restart this command with OPENBLAS_CORETYPE/L2_SIZE removed (before numpy loads)."""
+    if "--keep-openblas-env" in sys.argv or _REEXEC_MARK in os.environ:
+        return
+    found = {k: os.environ[k] for k in OPENBLAS_VARS if k in os.environ}
+    if not found:
+        return
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_VARS}
+    env[_REEXEC_MARK] = json.dumps(found)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":
+    _reexec_without_openblas_env()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))  # numpy_baselines
+sys.path.insert(0, str(_HERE.parent))  # this checkout's collapse_jax
+
+import numpy as np  # noqa: E402
+
+import collapse_jax  # noqa: E402
+from numpy_baselines import simulate_loop, simulate_vectorized  # noqa: E402
+
+N, D, G = 100, 10, 50
+
+# (model, workflow, draw, share of --trajectories): costlier cases run fewer
+# trajectories so that every row takes seconds, not minutes; rates are per fit.
+CASES = (
+    ("ols", "discard", "auto", 1.0),
+    ("ols", "discard", "data", 0.2),
+    ("ols", "augment", "auto", 1.0),
+    ("ols", "augment", "data", 0.2),
+    ("ols", "subsample", "auto", 0.02),
+    ("logistic", "discard", "auto", 0.02),
+    ("logistic", "augment", "auto", 0.01),
+    ("logistic", "subsample", "auto", 0.01),
+)
+REPEAT_BELOW_S = 5.0  # a first timed call longer than this is not repeated
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    """Median wall time of `fn()` over `repeats` calls (one if the first is long).
+
+    Returns (seconds, first call's result).
+    """
+    t0 = time.perf_counter()
+    first = fn()
+    times = [time.perf_counter() - t0]
+    while len(times) < repeats and times[0] <= REPEAT_BELOW_S:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first
+
+
+def time_engine(cfg: collapse_jax.SimulationConfig, repeats: int) -> dict:
+    """Engine timing with compilation excluded.
+
+    The first call compiles (the driver caches the compiled block per static
+    shape) and reports its compile time, which is subtracted; further calls
+    reuse the compiled program.  Their median is the run time.
+    """
+    calls = []  # (wall seconds, compile seconds reported by the call)
+    res = None
+    while True:
+        t0 = time.perf_counter()
+        out = collapse_jax.simulate(cfg)
+        calls.append((time.perf_counter() - t0, out.compile_time))
+        if res is None:
+            res = out
+        if len(calls) >= repeats or calls[0][0] - calls[0][1] > REPEAT_BELOW_S:
+            break
+    run_s = statistics.median(wall - comp for wall, comp in calls)
+    return {"result": res, "compile_s": calls[0][1], "first_call_s": calls[0][0], "run_s": run_s,
+            "calls": len(calls)}
+
+
+def _summary(cfg, baseline) -> collapse_jax.Summary:
+    delta = baseline.thetas.astype(np.float64) - cfg.theta0_vector
+    return collapse_jax.summarize(collapse_jax.block_moments(delta, baseline.ok))
+
+
+def _max_z(a: collapse_jax.Summary, b: collapse_jax.Summary) -> float:
+    se = np.hypot(a.variance_ratio_se, b.variance_ratio_se)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.abs(a.variance_ratio - b.variance_ratio) / se
+    z = z[np.isfinite(z)]
+    return float(z.max()) if z.size else float("nan")
+
+
+def environment(removed: dict) -> dict:
+    env = {k: os.environ.get(k) for k in REPORTED_ENV}
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    import jax
+    import scipy
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "jax": jax.__version__,
+        "collapse_jax": collapse_jax.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load,
+        "jax_devices": [str(dv) for dv in jax.devices()],
+        "env": env,
+        "openblas_env_removed_for_this_run": removed,
+    }
+
+
+def _fmt_rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.2f}x"
+
+
+HEADER = (f"{'model':8} {'workflow':9} {'design':6} {'draw':5} {'dtype':7} {'R':>6} | "
+          f"{'engine fits/s':>13} {'compile s':>9} | {'numpy fits/s':>12} {'eng/np':>8} | "
+          f"{'loop R':>6} {'loop fits/s':>11} {'eng/loop':>9} | {'alive eng/np':>12} {'|z|max':>6}")
+
+
+def _row_line(r: dict) -> str:
+    return (f"{r['model']:8} {r['workflow']:9} {r['design']:6} {r['draw']:5} {r['dtype']:7} "
+            f"{r['trajectories']:>6} | {_fmt_rate(r['engine_fits_per_s']):>13} "
+            f"{r['engine_compile_s']:>9.2f} | {_fmt_rate(r['numpy_fits_per_s']):>12} "
+            f"{_fmt_ratio(r['engine_over_numpy']):>8} | {r['loop_trajectories']:>6} "
+            f"{_fmt_rate(r['loop_fits_per_s']):>11} {_fmt_ratio(r['engine_over_loop']):>9} | "
+            f"{r['alive_engine']:>5.3f}/{r['alive_numpy']:<5.3f} {r['max_z_engine_vs_numpy']:>7.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trajectories", type=int, default=None,
+                   help="trajectories for the cheapest cases; others use a fixed share "
+                        "(default 10000; --quick 1000)")
+    p.add_argument("--loop-trajectories", type=int, default=None,
+                   help="trajectories for the per-trajectory loop baseline (default 10; --quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 3; --quick 1)")
+    p.add_argument("--designs", default="fresh", help="comma list of fresh,fixed (default fresh)")
+    p.add_argument("--dtypes", default="float64", help="comma list of float64,float32 (default float64)")
+    p.add_argument("--quick", action="store_true", help="1000 trajectories, 1 repeat, 3 loop trajectories")
+    p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--keep-openblas-env", action="store_true",
+                   help="do not remove OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE for this run")
+    args = p.parse_args(argv)
+    if args.trajectories is None:
+        args.trajectories = 1_000 if args.quick else 10_000
+    repeats = args.repeats or (1 if args.quick else 3)
+    loop_r = args.loop_trajectories or (3 if args.quick else 10)
+    designs = [s.strip() for s in args.designs.split(",") if s.strip()]
+    dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
+
+    removed = json.loads(os.environ.get(_REEXEC_MARK, "{}"))
+    env = environment(removed)
+    print(f"collapse_jax benchmark  n={N} d={D} G={G}  {env['cpu']}  {env['cpu_count']} cores  "
+          f"numpy {env['numpy']}  jax {env['jax']}  devices {env['jax_devices']}")
+    print(f"load average at start: {env['load_average_at_start']}  (a shared machine makes rates noisy)")
+    for k in OPENBLAS_VARS:
+        if k in removed:
+            print(f"{k}: was {removed[k]!r} in the environment; removed for this whole run "
+                  "(engine and numpy alike; --keep-openblas-env keeps it)")
+        elif os.environ.get(k) is not None:
+            print(f"{k}: set to {os.environ[k]!r} (kept)")
+        else:
+            print(f"{k}: not set")
+    others = {k: env["env"][k] for k in REPORTED_ENV if k not in OPENBLAS_VARS and env["env"][k] is not None}
+    print(f"other threading variables: {others or 'none set'}")
+    print(f"engine: median of {repeats} call(s) minus the compile time each reports (the first "
+          f"compiles); numpy: median of {repeats} call(s); calls over {REPEAT_BELOW_S:.0f} s are "
+          f"not repeated; loop: one call on {loop_r} trajectories")
+    print()
+    print(HEADER)
+    print("-" * len(HEADER))
+
+    rows = []
+    loop_cache: dict[tuple, dict] = {}
+    t_all = time.perf_counter()
+    for dtype in dtypes:
+        for design in designs:
+            for model, workflow, draw, share in CASES:
+                R = max(2, round(args.trajectories * share))
+                cfg = collapse_jax.SimulationConfig(
+                    model=model, workflow=workflow, design=design, n=N, d=D, generations=G,
+                    trajectories=R, seed=0, dtype=dtype, draw=draw)
+                fits = R * G
+                eng = time_engine(cfg, repeats)
+                np_s, base = _median_time(lambda cfg=cfg: simulate_vectorized(cfg), repeats)
+                key = (model, workflow, design, dtype)
+                if key not in loop_cache:
+                    rl = min(loop_r, R)
+                    lcfg = cfg.replace(trajectories=rl, draw="data")
+                    t0 = time.perf_counter()
+                    lres = simulate_loop(lcfg)
+                    loop_cache[key] = {"trajectories": rl, "seconds": time.perf_counter() - t0,
+                                       "alive": float(lres.ok[:, -1].mean())}
+                loop = loop_cache[key]
+                eng_rate = fits / eng["run_s"]
+                np_rate = fits / np_s
+                loop_rate = loop["trajectories"] * G / loop["seconds"]
+                res = eng["result"]
+                row = {
+                    "model": model, "workflow": workflow, "design": design, "dtype": dtype,
+                    "draw": "stats" if cfg.uses_sufficient_statistics else "data",
+                    "n": N, "d": D, "generations": G, "trajectories": R,
+                    "engine_block_size": res.block_size,
+                    "engine_compile_s": eng["compile_s"],
+                    "engine_first_call_s": eng["first_call_s"],
+                    "engine_run_s": eng["run_s"],
+                    "engine_calls": eng["calls"],
+                    "engine_fits_per_s": eng_rate,
+                    "numpy_run_s": np_s,
+                    "numpy_fits_per_s": np_rate,
+                    "engine_over_numpy": eng_rate / np_rate,
+                    "loop_trajectories": loop["trajectories"],
+                    "loop_run_s": loop["seconds"],
+                    "loop_fits_per_s": loop_rate,
+                    "engine_over_loop": eng_rate / loop_rate,
+                    "alive_engine": float(res.summary.count[-1] / R),
+                    "alive_numpy": float(base.ok[:, -1].mean()),
+                    "alive_loop": loop["alive"],
+                    "max_z_engine_vs_numpy": _max_z(res.summary, _summary(cfg, base)),
+                }
+                rows.append(row)
+                print(_row_line(row), flush=True)
+    total = time.perf_counter() - t_all
+    print()
+    print(f"total {total:.0f} s.  fits = trajectories x generations; eng/np and eng/loop are rate ratios "
+          "from this run.  alive = share of trajectories whose 50 fits all succeeded.")
+
+    record = {
+        "benchmark": "collapse_jax engine vs numpy baselines",
+        "command": [sys.executable, *sys.argv],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"n": N, "d": D, "generations": G, "trajectories": args.trajectories,
+                     "loop_trajectories": loop_r, "repeats": repeats, "designs": designs,
+                     "dtypes": dtypes, "quick": args.quick},
+        "environment": env,
+        "rows": rows,
+        "total_s": total,
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+import sys
+from ._cli import main
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""Data models: features, labels, and sufficient statistics drawn directly.
+
+Features x ~ N(0, Sigma) with Sigma = L L^T; labels y = x.theta + sigma*eps
+(``"ols"``) or y ~ Bernoulli(sigmoid(x.theta)) (``"logistic"``).
+
+Every function takes its PRNG key first and is a pure function of its inputs:
+the same key gives the same draws on every backend with the same PRNG
+implementation (threefry by default).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ModelParams(NamedTuple):
+    """Traced (non-shape) parameters of a simulation; changing them never recompiles."""
+
+    theta0: jax.Array  # shape=(d,): the true parameter.
+    sigma: jax.Array  # shape=(): label-noise sd (OLS).
+    feature_chol: jax.Array  # shape=(d, d): lower Cholesky factor L of Sigma.
+    design_matrix: jax.Array  # shape=(n, d) user design for design="fixed", else shape (0, d).
+
+
+def sample_features(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
+    """x_i ~ N(0, L L^T): shape (n, d), dtype of `chol`."""
+    z = jax.random.normal(key, (n, chol.shape[0]), chol.dtype)
+    return z if isotropic else z @ chol.T
+
+
+def sample_labels(key: jax.Array, model: str, x: jax.Array, theta: jax.Array,
+                  sigma: jax.Array) -> jax.Array:
+    """Labels for features `x` (n, d) under parameter `theta` (d,): shape (n,)."""
+    eta = x @ theta
+    if model == "ols":
+        return eta + sigma * jax.random.normal(key, eta.shape, eta.dtype)
+    u = jax.random.uniform(key, eta.shape, eta.dtype)
+    return (u < jax.nn.sigmoid(eta)).astype(eta.dtype)
+
+
+def wishart_factor(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
+    """A lower-triangular C with C C^T distributed as X^T X, X (n, d) rows N(0, L L^T).
+
+    Bartlett's decomposition: X^T X = L W L^T with W ~ Wishart_d(n, I) = B B^T,
+    B lower triangular, B_ii = sqrt(chi^2_{n-i}) (i = 0..d-1), B_ij ~ N(0, 1)
+    for i > j, all independent.  C = L B is then the Cholesky factor of
+    X^T X.  Costs d(d+1)/2 draws instead of n d.  Shape (d, d).
+    """
+    d = chol.shape[0]
+    kc, kz = jax.random.split(key)
+    df = (n - jnp.arange(d)).astype(chol.dtype)
+    chi2 = 2.0 * jax.random.gamma(kc, df / 2, dtype=chol.dtype)
+    z = jax.random.normal(kz, (d, d), chol.dtype)
+    b = jnp.tril(z, -1) + jnp.diag(jnp.sqrt(chi2))
+    return b if isotropic else chol @ b

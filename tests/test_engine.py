@@ -1,0 +1,153 @@
+"""Workflows against exact finite-sample results and the large-n limit.
+
+Every Monte Carlo check uses a fixed seed and a tolerance of 5 standard
+errors of the estimate itself (plus, where stated, an O(1/n) allowance).
+"""
+
+import numpy as np
+import pytest
+
+import collapse_jax as cj
+
+BASEL = np.cumsum(1.0 / np.arange(1, 200) ** 2)
+
+
+def within(est, se, target, k=5.0, extra=0.0):
+    est, se, target = map(np.asarray, (est, se, target))
+    bad = np.abs(est - target) > k * se + extra
+    assert not bad.any(), f"est={est[bad]} target={target[bad]} se={se[bad]}"
+
+
+@pytest.mark.parametrize("draw", ["auto", "data"])
+def test_ols_fresh_discard_ratio_is_g(draw):
+    G = 8
+    cfg = cj.SimulationConfig(model="ols", workflow="discard", design="fresh", n=12, d=3,
+                              generations=G, trajectories=20_000, seed=1, draw=draw)
+    s = cj.simulate(cfg).summary
+    within(s.variance_ratio, s.variance_ratio_se, np.arange(1, G + 1))
+    # and the MSE: sigma^2 g E tr (X^T X)^{-1} = g d / (n - d - 1)
+    within(s.mse, s.mse_se, np.arange(1, G + 1) * 3 / (12 - 3 - 1))
+    assert s.variance_ratio_se[-1] > 0  # the check above is not vacuous
+
+
+@pytest.mark.parametrize("workflow", ["discard", "augment"])
+@pytest.mark.parametrize("draw", ["auto", "data"])
+def test_ols_fixed_user_design_exact_mse(workflow, draw):
+    rng = np.random.default_rng(7)
+    n, d, G, sigma = 15, 4, 6, 0.7
+    x = rng.normal(size=(n, d)) @ np.diag([1.0, 2.0, 0.5, 1.5])
+    tr = np.trace(np.linalg.inv(x.T @ x))
+    factor = np.arange(1, G + 1) if workflow == "discard" else BASEL[:G]
+    cfg = cj.SimulationConfig(model="ols", workflow=workflow, design="fixed", n=n, d=d, generations=G,
+                              trajectories=20_000, sigma=sigma, seed=2, draw=draw)
+    s = cj.simulate(cfg, design_matrix=x).summary
+    within(s.mse, s.mse_se, sigma**2 * tr * factor)
+    # Given X, theta_g is Gaussian with covariance c_g sigma^2 (X^T X)^{-1}: full matrix check.
+    cov_exact = sigma**2 * factor[-1] * np.linalg.inv(x.T @ x)
+    # Gaussian sample covariance: entry (i, j) scaled by sqrt(c_ii c_jj) has SE <= sqrt(2 / R).
+    scale = np.sqrt(np.outer(np.diag(cov_exact), np.diag(cov_exact)))
+    assert np.all(np.abs(s.cov[-1] - cov_exact) / scale < 5 * np.sqrt(2 / cfg.trajectories))
+
+
+@pytest.mark.parametrize("workflow", ["discard", "augment"])
+def test_ols_fixed_random_design_average(workflow):
+    """A design drawn once per trajectory: E tr (X^T X)^{-1} = d / (n - d - 1)."""
+    n, d, G = 20, 3, 5
+    factor = np.arange(1, G + 1) if workflow == "discard" else BASEL[:G]
+    for draw in ("auto", "data"):
+        cfg = cj.SimulationConfig(model="ols", workflow=workflow, design="fixed", n=n, d=d,
+                                  generations=G, trajectories=30_000, seed=3, draw=draw)
+        s = cj.simulate(cfg).summary
+        within(s.mse, s.mse_se, factor * d / (n - d - 1))
+
+
+@pytest.mark.parametrize("model", ["ols", "logistic"])
+def test_large_n_fresh_augment_and_discard_approach_limit(model):
+    G = 5
+    n = 2000
+    for workflow, target in [("augment", BASEL[:G]), ("discard", np.arange(1.0, G + 1))]:
+        cfg = cj.SimulationConfig(model=model, workflow=workflow, design="fresh", n=n, d=2,
+                                  generations=G, trajectories=3000, seed=4)
+        r = cj.simulate(cfg)
+        s = r.summary
+        assert r.failed_fits.sum() == 0
+        # O(1/n) allowance: finite-n corrections are of relative order d/n (here 1e-3 x g).
+        within(s.variance_ratio, s.variance_ratio_se, target, extra=20 * target / n)
+
+
+def test_subsample_plateaus_above_augment():
+    common = dict(model="ols", design="fresh", n=100, d=2, generations=6, trajectories=3000, seed=5)
+    aug = cj.simulate(cj.SimulationConfig(workflow="augment", **common)).summary
+    sub = cj.simulate(cj.SimulationConfig(workflow="subsample", **common)).summary
+    rep = cj.simulate(cj.SimulationConfig(workflow="subsample-replace", **common)).summary
+    g = -1
+    assert sub.variance_ratio[g] - aug.variance_ratio[g] > 5 * np.hypot(sub.variance_ratio_se[g], aug.variance_ratio_se[g])
+    assert rep.variance_ratio[g] - sub.variance_ratio[g] > 3 * np.hypot(rep.variance_ratio_se[g], sub.variance_ratio_se[g])
+    assert sub.variance_ratio[g] < 0.5 * 6  # far below discard's g
+
+
+@pytest.mark.parametrize("workflow", ["augment", "subsample"])
+def test_block_size_does_not_change_results(workflow):
+    base = dict(model="logistic", workflow=workflow, design="fresh", n=40, d=2, generations=4,
+                trajectories=300, seed=11)
+    a = cj.simulate(cj.SimulationConfig(block_size=64, **base))
+    b = cj.simulate(cj.SimulationConfig(block_size=256, **base))
+    for x, y in zip(a.summary, b.summary):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(a.failed_fits, b.failed_fits)
+    # per-trajectory paths do not depend on which other trajectories share the batch
+    cfg = cj.SimulationConfig(**base)
+    full = cj.simulate_trajectories(cfg, np.arange(0, 40))
+    part = cj.simulate_trajectories(cfg, np.arange(17, 29))
+    np.testing.assert_array_equal(full.theta[17:29], part.theta)
+    np.testing.assert_array_equal(full.alive[17:29], part.alive)
+
+
+def test_moments_of_paths_match_summary():
+    cfg = cj.SimulationConfig(model="ols", workflow="subsample-replace", n=30, d=2, generations=3,
+                              trajectories=500, seed=6, block_size=128)
+    s = cj.simulate(cfg).summary
+    paths = cj.simulate_trajectories(cfg)
+    delta = paths.theta - cfg.theta0_vector
+    v = delta.var(axis=0, ddof=1).sum(-1)
+    np.testing.assert_allclose(s.variance_ratio, v / v[0], rtol=1e-10)
+    np.testing.assert_allclose(s.mse, (delta**2).sum(-1).mean(0), rtol=1e-10)
+
+
+def test_separable_logistic_fits_are_counted_not_nan(tmp_path):
+    cfg = cj.SimulationConfig(model="logistic", workflow="discard", n=6, d=2, generations=5,
+                              trajectories=400, seed=8, theta0_scale=3.0)
+    r = cj.simulate(cfg, out=tmp_path)
+    assert r.failed_fits[0] > 20  # tiny n: many separable real batches
+    assert r.summary.count[0] == 400 - r.failed_fits[0]
+    np.testing.assert_array_equal(np.diff(r.summary.count) <= 0, True)
+    assert r.summary.count[-1] == 400 - r.failed_fits.sum()
+    text = (tmp_path / "summary.csv").read_text().lower()
+    assert "nan" not in text and "inf" not in text
+    assert np.all(np.isfinite(r.summary.variance_ratio))
+
+
+def test_traced_parameters_do_not_recompile():
+    from collapse_jax._driver import compile_count
+
+    base = cj.SimulationConfig(model="ols", workflow="augment", n=25, d=3, generations=4,
+                               trajectories=200, block_size=64)
+    cj.simulate(base)
+    before = compile_count()
+    for sigma, seed, scale in [(0.5, 1, 1.0), (2.0, 2, 3.0), (1.0, 3, 0.1)]:
+        cj.simulate(base.replace(sigma=sigma, seed=seed, theta0_scale=scale, trajectories=300))
+    assert compile_count() == before
+
+
+def test_feature_covariance_scales_ols_error():
+    """With Sigma = diag(s^2), Var(theta_1j) = sigma^2 / (s_j^2 (n - d - 1))."""
+    s2 = np.array([1.0, 4.0])
+    n, d = 14, 2
+    cfg = cj.SimulationConfig(model="ols", workflow="discard", n=n, d=d, generations=2, trajectories=40_000,
+                              feature_cov=tuple(map(tuple, np.diag(s2))), seed=9)
+    r = cj.simulate(cfg).summary
+    var = np.diagonal(r.cov[0])
+    expected = 1 / (s2 * (n - d - 1))
+    # theta_1 - theta0 is multivariate t with n - d + 1 = 13 dof (excess kurtosis 6/9), so the
+    # sample variance has relative SE sqrt((2 + 6/9) / R) = 0.0082: 5 SE = 4.1%.
+    np.testing.assert_allclose(var, expected, rtol=5 * np.sqrt((2 + 6 / 9) / cfg.trajectories))
