@@ -20,6 +20,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         if "unrecognized arguments" in message:
             known = [s for a in self._actions for s in a.option_strings]
+            for a in self._actions:  # the subcommands' options too
+                if isinstance(a, argparse._SubParsersAction):
+                    for sub in a.choices.values():
+                        known += [s for b in sub._actions for s in b.option_strings]
             for word in message.split(":", 1)[1].split():
                 hint = difflib.get_close_matches(word.split("=")[0], known, n=1)
                 if hint:
@@ -64,6 +68,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--design-matrix", type=Path, default=None,
                    help="a fixed design X (n x d) as .npy or .csv, shared by all trajectories")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an output directory that holds a different run")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_simulate)
 
@@ -84,7 +90,8 @@ def _run_simulate(args) -> int:
         if not path.exists():
             raise ValueError(f"design matrix file not found: {path}")
         x = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
-    res = simulate(config, design_matrix=x, progress=not args.quiet, out=args.out)
+    res = simulate(config, design_matrix=x, progress=not args.quiet, out=args.out,
+                   force=args.force)
     s = res.summary
     print(f"wrote {args.out / 'summary.csv'}: variance ratio at g={config.generations}: "
           f"{s.variance_ratio[-1]:.4f} [{s.ci_low[-1]:.4f}, {s.ci_high[-1]:.4f}], "

@@ -131,12 +131,15 @@ def fingerprint(config: SimulationConfig, design_matrix=None) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_checkpoint(path: Path, fp: str, G: int, d: int):
+def _load_checkpoint(path: Path, fp: str, force: bool):
     if not path.exists():
         return None
     with np.load(path) as z:
         if str(z["fingerprint"]) != fp:
-            return None
+            if force:
+                return None
+            raise ValueError(f"{path.parent} holds a run of a different configuration; "
+                             "choose another output directory or pass force=True (--force)")
         m = Moments(z["count"], z["sum"], z["outer"])
         return int(z["blocks_done"]), m, z["failed"], z["iterations"]
 
@@ -163,6 +166,7 @@ def simulate(
     design_matrix: np.ndarray | None = None,
     progress: bool | Callable[[str], None] = False,
     out: str | Path | None = None,
+    force: bool = False,
 ) -> SimulationResult:
     """Run ``config.trajectories`` trajectories and summarise them per generation.
 
@@ -176,7 +180,8 @@ def simulate(
       the line instead.
     - `out`: directory for `summary.csv`, `coordinates.csv`, `run.json` and a
       resumable checkpoint (`checkpoint.npz`, rewritten atomically after every
-      block; rerunning the same config resumes from it).
+      block; rerunning the same config resumes from it; a different config
+      is refused unless `force`, which starts afresh).
 
     **Returns:** `SimulationResult`.
 
@@ -204,7 +209,7 @@ def simulate(
     first = 0
     ckpt = Path(out) / "checkpoint.npz" if out is not None else None
     if ckpt is not None:
-        loaded = _load_checkpoint(ckpt, fp, G, d)
+        loaded = _load_checkpoint(ckpt, fp, force)
         if loaded is not None:
             first, moments, failed, iterations = loaded
             if say and first:
