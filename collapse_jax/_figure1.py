@@ -85,10 +85,9 @@ def _configs(args: argparse.Namespace) -> tuple[LimitConfig, list[Any]]:
         raise ValueError("--max-draws only applies with --precision")
     if args.max_draws is not None and args.max_draws < args.draws:
         raise ValueError(f"--max-draws ({args.max_draws}) is below --draws ({args.draws})")
-    if isinstance(args.draws, int) and args.draws > 0:
-        block = args.block_size or min(DEFAULT_BLOCK, -(-args.draws // 500) * 500)
-    else:
-        block = args.block_size or DEFAULT_BLOCK  # LimitConfig reports the bad draws
+    block = args.block_size
+    if block is None:  # small runs: one block of whole 500-draw chunks, not 62,500 mostly padding
+        block = min(DEFAULT_BLOCK, -(-args.draws // 500) * 500) if args.draws > 0 else DEFAULT_BLOCK
     config = LimitConfig(workflows=WORKFLOWS, generations=args.generations, d=1, draws=args.draws,
                          seed=args.seed, block_size=block, dtype=args.dtype)
     finite = []

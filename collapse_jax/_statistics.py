@@ -60,16 +60,13 @@ def block_moments(delta: jax.Array, weight: jax.Array) -> Moments:
 
     **Returns:** `Moments` in float64.  Pure and jit-compatible.
     """
-    delta = delta.astype(jnp.float64)
-    w = weight.astype(jnp.float64)
-    d1 = jnp.broadcast_to(delta[:, :1, :], delta.shape)
+    # Generation-major layout: the outer products become one batched matmul over g.
+    delta = jnp.swapaxes(delta.astype(jnp.float64), 0, 1)  # (G, R, d)
+    w = jnp.swapaxes(weight.astype(jnp.float64), 0, 1)  # (G, R)
+    d1 = jnp.broadcast_to(delta[:1], delta.shape)
     f = jnp.concatenate([delta, delta * delta, d1, d1 * d1], axis=-1)
     fw = f * w[..., None]
-    return Moments(
-        count=w.sum(0),
-        sum=fw.sum(0),
-        outer=jnp.einsum("rgi,rgj->gij", fw, f),
-    )
+    return Moments(count=w.sum(1), sum=fw.sum(1), outer=jnp.matmul(jnp.swapaxes(fw, 1, 2), f))
 
 
 def zero_moments(generations: int, d: int) -> Moments:
