@@ -24,8 +24,8 @@ draw OLS data: ``stats`` samples the sufficient statistics (X^T X by
 Bartlett's decomposition, X^T eps given X^T X), ``data`` draws (X, y).  The
 loop baseline always draws data.  Column ``|z|max`` is the largest
 |difference| of the engine's and the numpy baseline's variance ratio over
-generations, in combined standard errors: a check that both computed the
-same thing.
+generations (those with at least 30 surviving trajectories in both), in
+combined standard errors: a check that both computed the same thing.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE: when set in the environment, they can
 slow OpenBLAS on some processors.  numpy uses OpenBLAS, and so does the
@@ -139,11 +139,12 @@ def _summary(cfg, baseline) -> collapse_jax.Summary:
     return collapse_jax.summarize(collapse_jax.block_moments(delta, baseline.ok))
 
 
-def _max_z(a: collapse_jax.Summary, b: collapse_jax.Summary) -> float:
+def _max_z(a: collapse_jax.Summary, b: collapse_jax.Summary, min_count: int = 30) -> float:
+    """Largest |ratio difference| / combined se over generations where both have min_count alive."""
     se = np.hypot(a.variance_ratio_se, b.variance_ratio_se)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.abs(a.variance_ratio - b.variance_ratio) / se
-    z = z[np.isfinite(z)]
+    z = z[np.isfinite(z) & (a.count >= min_count) & (b.count >= min_count)]
     return float(z.max()) if z.size else float("nan")
 
 

@@ -41,8 +41,9 @@ from collapse_jax._statistics import Moments, merge_moments, summarize, zero_mom
 WORKFLOWS = ("discard", "augment", "subsample", "subsample-replace")
 
 
-def numpy_limit(workflows: tuple[str, ...], generations: int, draws: int, seed: int = 0,
-                block: int = 10_000) -> dict:
+def numpy_limit(
+    workflows: tuple[str, ...], generations: int, draws: int, seed: int = 0, block: int = 10_000
+) -> dict:
     """The limit recursion in plain vectorized numpy (d = 1, V = I = 1): {workflow: Summary}."""
     rng = np.random.default_rng(seed)
     G = generations
@@ -74,7 +75,9 @@ def numpy_limit(workflows: tuple[str, ...], generations: int, draws: int, seed: 
             u = paths[w]
             u1 = np.broadcast_to(u[:, :1], u.shape)
             f = np.stack([u, u * u, u1, u1 * u1], axis=-1)  # (b, G, 4)
-            m = Moments(np.full(G, float(b)), f.sum(0), np.einsum("rgi,rgj->gij", f, f, optimize=True))
+            m = Moments(
+                np.full(G, float(b)), f.sum(0), np.einsum("rgi,rgj->gij", f, f, optimize=True)
+            )
             moments[w] = merge_moments(moments[w], m)
         done += b
     return {w: summarize(m) for w, m in moments.items()}
@@ -93,13 +96,20 @@ def exact_linear_map(workflow: str, generations: int) -> np.ndarray:
             continue
         S = S + p
         L[g] = S / g
-        scale = np.sqrt(1 - 1 / g) if workflow == "subsample" else float(workflow == "subsample-replace" and g >= 2)
+        scale = (
+            np.sqrt(1 - 1 / g)
+            if workflow == "subsample"
+            else float(workflow == "subsample-replace" and g >= 2)
+        )
         L[g, G + g - 1] += scale  # + s_g C_g
     return L[1:] @ L[1:].T
 
 
 def zmax(summaries: dict, G: int) -> float:
-    z = [np.abs(s.variance_ratio[1:] - limit_ratio(w, G)[1:]) / s.variance_ratio_se[1:] for w, s in summaries.items()]
+    z = [
+        np.abs(s.variance_ratio[1:] - limit_ratio(w, G)[1:]) / s.variance_ratio_se[1:]
+        for w, s in summaries.items()
+    ]
     return float(np.max(z))
 
 
@@ -117,26 +127,57 @@ def main() -> None:
 
     def row(name, nw, draws, wall, compile_s, z):
         run = wall - compile_s
-        rows.append({"case": name, "workflows": nw, "draws": draws, "wall_s": wall, "compile_s": compile_s,
-                     "draws_per_s": draws / run, "steps_per_s": draws * G * nw / run, "zmax": z})
+        rows.append(
+            {
+                "case": name,
+                "workflows": nw,
+                "draws": draws,
+                "wall_s": wall,
+                "compile_s": compile_s,
+                "draws_per_s": draws / run,
+                "steps_per_s": draws * G * nw / run,
+                "zmax": z,
+            }
+        )
         r = rows[-1]
-        print(f"{name:<24} {draws:>10,} {wall:>8.2f} {compile_s:>8.2f} {r['draws_per_s']:>12,.0f} "
-              f"{r['steps_per_s']:>14.3g} {z:>6.2f}", flush=True)
+        print(
+            f"{name:<24} {draws:>10,} {wall:>8.2f} {compile_s:>8.2f} {r['draws_per_s']:>12,.0f} "
+            f"{r['steps_per_s']:>14.3g} {z:>6.2f}",
+            flush=True,
+        )
 
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; G = {G}, d = 1, float64")
-    print(f"{'case':<24} {'draws':>10} {'wall_s':>8} {'compile':>8} {'draws/s':>12} {'wf-steps/s':>14} {'|z|max':>6}")
+    print(
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; G = {G}, d = 1, float64"
+    )
+    print(
+        f"{'case':<24} {'draws':>10} {'wall_s':>8} {'compile':>8} {'draws/s':>12} "
+        f"{'wf-steps/s':>14} {'|z|max':>6}"
+    )
     sizes = [args.draws] + ([10_000_000] if args.large else [])
     for n in sizes:
         res = limit_monte_carlo(LimitConfig(workflows=WORKFLOWS, generations=G, draws=n))
-        row(f"jax all-4", 4, n, res.wall_time, res.compile_time, zmax(res.summaries, G))
+        row("jax all-4", 4, n, res.wall_time, res.compile_time, zmax(res.summaries, G))
     for w in WORKFLOWS:
         res = limit_monte_carlo(LimitConfig(workflows=w, generations=G, draws=args.single_draws))
-        row(f"jax {w}", 1, args.single_draws, res.wall_time, res.compile_time, zmax(res.summaries, G))
+        row(
+            f"jax {w}",
+            1,
+            args.single_draws,
+            res.wall_time,
+            res.compile_time,
+            zmax(res.summaries, G),
+        )
     for wf in (WORKFLOWS, *((w,) for w in WORKFLOWS)):
         t = time.perf_counter()
         s = numpy_limit(wf, G, args.numpy_draws)
-        row(f"numpy {'all-4' if len(wf) == 4 else wf[0]}", len(wf), args.numpy_draws, time.perf_counter() - t,
-            0.0, zmax(s, G))
+        row(
+            f"numpy {'all-4' if len(wf) == 4 else wf[0]}",
+            len(wf),
+            args.numpy_draws,
+            time.perf_counter() - t,
+            0.0,
+            zmax(s, G),
+        )
 
     print("\nJAX / numpy (draws/s ratio):")
     rate = {r["case"]: r["draws_per_s"] for r in rows}
@@ -155,15 +196,29 @@ def main() -> None:
         ls = {w: exact_linear_map(w, g) for w in WORKFLOWS}
         t_map = time.perf_counter() - t
         diff = max(float(np.abs(cs[w] - ls[w]).max()) for w in WORKFLOWS)
-        exact[g] = {"propagation_s": t_prop, "linear_map_s": t_map, "max_abs_diff": diff,
-                    "ratio_at_G": {w: float(cs[w][-1, -1]) for w in WORKFLOWS}}
-        print(f"  G={g:<5} propagation {t_prop * 1e3:8.1f} ms   linear map {t_map * 1e3:8.1f} ms   "
-              f"max |diff| {diff:.1e}   ratios at G: "
-              + ", ".join(f"{w} {v:.6f}" for w, v in exact[g]["ratio_at_G"].items()))
+        exact[g] = {
+            "propagation_s": t_prop,
+            "linear_map_s": t_map,
+            "max_abs_diff": diff,
+            "ratio_at_G": {w: float(cs[w][-1, -1]) for w in WORKFLOWS},
+        }
+        print(
+            f"  G={g:<5} propagation {t_prop * 1e3:8.1f} ms   linear map {t_map * 1e3:8.1f} ms   "
+            f"max |diff| {diff:.1e}   ratios at G: "
+            + ", ".join(f"{w} {v:.6f}" for w, v in exact[g]["ratio_at_G"].items())
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "jax_over_numpy": ratios, "exact": exact,
-                       "load_average": os.getloadavg()}, f, indent=2)
+            json.dump(
+                {
+                    "rows": rows,
+                    "jax_over_numpy": ratios,
+                    "exact": exact,
+                    "load_average": os.getloadavg(),
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ WORKFLOWS = ("discard", "augment", "subsample", "subsample-replace")
 DESIGNS = ("fresh", "fixed")
 DTYPES = ("float32", "float64")
 DRAWS = ("auto", "data")
+PRNGS = ("philox4x32", "threefry2x32")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -78,6 +79,12 @@ class SimulationConfig:
       X^T X as a Gaussian) wherever that is exact in distribution (OLS,
       discard and augment); ``"data"`` always draws explicit (X, y).
     - `max_newton_iterations`: cap on Newton steps per logistic fit.
+    - `prng`: JAX PRNG implementation of the typed keys: ``"philox4x32"``
+      (default; Random123's Philox-4x32-10, counter based, measured here
+      about 2x faster for normal draws than threefry on CPU and about 4x
+      faster to compile under ``vmap``/``scan``) or ``"threefry2x32"``
+      (JAX's default).  Different implementations give different (equally
+      valid) streams.
     """
 
     model: str = "ols"
@@ -96,6 +103,7 @@ class SimulationConfig:
     block_size: int | None = None
     draw: str = "auto"
     max_newton_iterations: int = 50
+    prng: str = "philox4x32"
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODELS)
@@ -103,6 +111,7 @@ class SimulationConfig:
         _choice("design", self.design, DESIGNS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("draw", self.draw, DRAWS)
+        _choice("prng", self.prng, PRNGS)
         for name in ("n", "d", "generations", "trajectories", "max_newton_iterations"):
             _positive_int(name, getattr(self, name))
         if self.block_size is not None:

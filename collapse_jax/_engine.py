@@ -52,6 +52,7 @@ class StaticSpec:
     isotropic: bool
     user_design: bool
     block_size: int
+    prng: str = "philox4x32"
 
     @classmethod
     def from_config(cls, config: SimulationConfig, block_size: int, user_design: bool) -> StaticSpec:
@@ -68,6 +69,7 @@ class StaticSpec:
             isotropic=config.feature_cov is None,
             user_design=user_design,
             block_size=block_size,
+            prng=config.prng,
         )
 
 
@@ -211,9 +213,9 @@ def build_trajectory(spec: StaticSpec):
     return run
 
 
-def trajectory_keys(seed, indices):
-    """Typed keys ``fold_in(key(seed), r)`` for global trajectory indices (B,)."""
-    base = jax.random.key(seed)
+def trajectory_keys(seed, indices, impl: str = "philox4x32"):
+    """Typed keys ``fold_in(key(seed, impl), r)`` for global trajectory indices (B,)."""
+    base = jax.random.key(seed, impl=impl)
     return jax.vmap(jax.random.fold_in, (None, 0))(base, indices.astype(jnp.uint32))
 
 
@@ -222,7 +224,7 @@ def build_trajectories(spec: StaticSpec):
     run = build_trajectory(spec)
 
     def many(seed, indices, params):
-        return jax.vmap(run, (0, None))(trajectory_keys(seed, indices), params)
+        return jax.vmap(run, (0, None))(trajectory_keys(seed, indices, spec.prng), params)
 
     return many
 

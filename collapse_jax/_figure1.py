@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,40 +38,106 @@ from ._io import atomic_write_bytes, environment, write_csv, write_json
 from ._limit import LimitConfig, LimitResult, limit_monte_carlo, limit_ratio
 
 DEFAULT_BLOCK = 62_500
-CSV_COLUMNS = ("workflow", "generation", "variance_ratio", "ci_low", "ci_high", "variance_ratio_se",
-               "exact", "draws")
-FINITE_N_COLUMNS = ("workflow", "generation", "model", "n", "trajectories", "variance_ratio", "ci_low",
-                    "ci_high", "variance_ratio_se", "exact", "failed_fits")
-COLORS = {"discard": "tab:red", "augment": "tab:blue", "subsample": "tab:green",
-          "subsample-replace": "tab:purple"}
+CSV_COLUMNS = (
+    "workflow",
+    "generation",
+    "variance_ratio",
+    "ci_low",
+    "ci_high",
+    "variance_ratio_se",
+    "exact",
+    "draws",
+)
+FINITE_N_COLUMNS = (
+    "workflow",
+    "generation",
+    "model",
+    "n",
+    "trajectories",
+    "variance_ratio",
+    "ci_low",
+    "ci_high",
+    "variance_ratio_se",
+    "exact",
+    "failed_fits",
+)
+COLORS = {
+    "discard": "tab:red",
+    "augment": "tab:blue",
+    "subsample": "tab:green",
+    "subsample-replace": "tab:purple",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``figure1`` options (see the module docstring)."""
     parser.description = (
-        "Reproduce Dey & Donoho's Figure 1: variance ratios Var(U_g)/Var(U_1) of the Gaussian-process "
-        "limit for the discard, augment, subsample and subsample-replace workflows, by Monte Carlo "
-        "(with 95% bands) and exactly. Writes DIR/figure1.{png,pdf,csv,json}."
+        "Reproduce Dey & Donoho's Figure 1: variance ratios Var(U_g)/Var(U_1) of the "
+        "Gaussian-process limit for the discard, augment, subsample and subsample-replace "
+        "workflows, by Monte Carlo (with 95% bands) and exactly. "
+        "Writes DIR/figure1.{png,pdf,csv,json}."
     )
     parser.add_argument("--generations", type=int, default=100, help="G (default 100)")
-    parser.add_argument("--draws", type=int, default=1_000_000,
-                        help="Monte Carlo draws per workflow (default 10^6; with --precision, the minimum)")
-    parser.add_argument("--precision", type=float, default=None, metavar="P",
-                        help="keep drawing blocks until every ratio's 95%% half-width is below P x ratio")
-    parser.add_argument("--max-draws", type=int, default=None,
-                        help="stop --precision at this many draws (default 2^32 - block size)")
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=1_000_000,
+        help="Monte Carlo draws per workflow (default 10^6; with --precision, the minimum)",
+    )
+    parser.add_argument(
+        "--precision",
+        type=float,
+        default=None,
+        metavar="P",
+        help="keep drawing blocks until every ratio's 95%% half-width is below P x ratio",
+    )
+    parser.add_argument(
+        "--max-draws",
+        type=int,
+        default=None,
+        help="stop --precision at this many draws (default 2^32 - block size)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes running Monte Carlo blocks (default: min(2, CPUs)); same results for any",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-size", type=int, default=None,
-                        help=f"draws per compiled call (default min({DEFAULT_BLOCK:,}, draws))")
-    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                        help="Monte Carlo arithmetic (moments are float64 either way)")
-    parser.add_argument("--finite-n", type=int, default=None, metavar="N",
-                        help="overlay the finite-n engine with N points per batch (fresh design, d=1)")
-    parser.add_argument("--model", choices=MODELS, default=None, help="finite-n model (default ols)")
-    parser.add_argument("--finite-n-generations", type=int, default=None,
-                        help="generations of the finite-n overlay (default min(G, 10))")
-    parser.add_argument("--finite-n-trajectories", type=int, default=None,
-                        help="trajectories per workflow of the finite-n overlay (default 10,000)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help=f"draws per compiled call (default min({DEFAULT_BLOCK:,}, draws))",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="Monte Carlo arithmetic (moments are float64 either way)",
+    )
+    parser.add_argument(
+        "--finite-n",
+        type=int,
+        default=None,
+        metavar="N",
+        help="overlay the finite-n engine with N points per batch (fresh design, d=1)",
+    )
+    parser.add_argument(
+        "--model", choices=MODELS, default=None, help="finite-n model (default ols)"
+    )
+    parser.add_argument(
+        "--finite-n-generations",
+        type=int,
+        default=None,
+        help="generations of the finite-n overlay (default min(G, 10))",
+    )
+    parser.add_argument(
+        "--finite-n-trajectories",
+        type=int,
+        default=None,
+        help="trajectories per workflow of the finite-n overlay (default 10,000)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -79,8 +146,12 @@ def _configs(args: argparse.Namespace) -> tuple[LimitConfig, list[Any]]:
     """Validate everything and build the configs, before anything is compiled."""
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    if args.precision is not None and not (math.isfinite(args.precision) and 0 < args.precision < 1):
+    if args.precision is not None and not (
+        math.isfinite(args.precision) and 0 < args.precision < 1
+    ):
         raise ValueError(f"--precision must be in (0, 1), got {args.precision}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be a positive integer, got {args.workers}")
     if args.max_draws is not None and args.precision is None:
         raise ValueError("--max-draws only applies with --precision")
     if args.max_draws is not None and args.max_draws < args.draws:
@@ -88,8 +159,15 @@ def _configs(args: argparse.Namespace) -> tuple[LimitConfig, list[Any]]:
     block = args.block_size
     if block is None:  # small runs: one block of whole 500-draw chunks, not 62,500 mostly padding
         block = min(DEFAULT_BLOCK, -(-args.draws // 500) * 500) if args.draws > 0 else DEFAULT_BLOCK
-    config = LimitConfig(workflows=WORKFLOWS, generations=args.generations, d=1, draws=args.draws,
-                         seed=args.seed, block_size=block, dtype=args.dtype)
+    config = LimitConfig(
+        workflows=WORKFLOWS,
+        generations=args.generations,
+        d=1,
+        draws=args.draws,
+        seed=args.seed,
+        block_size=block,
+        dtype=args.dtype,
+    )
     finite = []
     if args.finite_n is None:
         for flag in ("model", "finite_n_generations", "finite_n_trajectories"):
@@ -98,21 +176,41 @@ def _configs(args: argparse.Namespace) -> tuple[LimitConfig, list[Any]]:
     else:
         from ._config import SimulationConfig
 
-        gens = args.finite_n_generations if args.finite_n_generations is not None else min(args.generations, 10)
+        gens = (
+            args.finite_n_generations
+            if args.finite_n_generations is not None
+            else min(args.generations, 10)
+        )
         if isinstance(gens, int) and gens > args.generations:
-            raise ValueError(f"--finite-n-generations ({gens}) exceeds --generations ({args.generations})")
-        trajectories = args.finite_n_trajectories if args.finite_n_trajectories is not None else 10_000
+            raise ValueError(
+                f"--finite-n-generations ({gens}) exceeds --generations ({args.generations})"
+            )
+        trajectories = (
+            args.finite_n_trajectories if args.finite_n_trajectories is not None else 10_000
+        )
         for workflow in WORKFLOWS:
-            finite.append(SimulationConfig(
-                model=args.model or "ols", workflow=workflow, design="fresh", n=args.finite_n, d=1,
-                generations=gens, trajectories=trajectories, seed=args.seed, dtype="float64",
-            ))
+            finite.append(
+                SimulationConfig(
+                    model=args.model or "ols",
+                    workflow=workflow,
+                    design="fresh",
+                    n=args.finite_n,
+                    d=1,
+                    generations=gens,
+                    trajectories=trajectories,
+                    seed=args.seed,
+                    dtype="float64",
+                )
+            )
     return config, finite
 
 
-def _plot(path_stem: Path, result: LimitResult, exact: dict[str, np.ndarray], finite: dict[str, Any]) -> None:
+def _plot(
+    path_stem: Path, result: LimitResult, exact: dict[str, np.ndarray], finite: dict[str, Any]
+) -> None:
     """Render the two panels and write PNG and PDF atomically."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     G = result.config.generations
     g = np.arange(1, G + 1)
@@ -127,8 +225,19 @@ def _plot(path_stem: Path, result: LimitResult, exact: dict[str, np.ndarray], fi
             if w in finite:
                 fs = finite[w].summary
                 gf = np.arange(1, len(fs.variance_ratio) + 1)
-                ax.errorbar(gf, fs.variance_ratio, yerr=fs.variance_ratio - fs.ci_low, fmt="o", ms=2.5,
-                            color=c, mfc="white", mew=0.8, elinewidth=0.8, capsize=1.5)
+                ax.errorbar(
+                    gf,
+                    fs.variance_ratio,
+                    yerr=fs.variance_ratio - fs.ci_low,
+                    fmt="o",
+                    ms=2.5,
+                    color=c,
+                    mfc="white",
+                    mew=0.8,
+                    elinewidth=0.8,
+                    capsize=1.5,
+                )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("generation $g$")
         ax.set_xlim(0, G + 1)
         ax.grid(alpha=0.3, lw=0.5)
@@ -142,11 +251,22 @@ def _plot(path_stem: Path, result: LimitResult, exact: dict[str, np.ndarray], fi
     left.fill_between([], [], [], color="0.5", alpha=0.3, lw=0, label="95% band (MC)")
     if finite:
         cfg = next(iter(finite.values())).config
-        left.errorbar([], [], yerr=[], fmt="o", ms=2.5, color="0.3", mfc="white", mew=0.8,
-                      label=f"finite n={cfg.n} ({cfg.model})")
+        left.errorbar(
+            [],
+            [],
+            yerr=[],
+            fmt="o",
+            ms=2.5,
+            color="0.3",
+            mfc="white",
+            mew=0.8,
+            label=f"finite n={cfg.n} ({cfg.model})",
+        )
     left.legend(fontsize=7, loc="upper left", frameon=False)
     right.legend(fontsize=7, loc="best", frameon=False)
-    fig.suptitle(f"Gaussian-process limit, {result.draws:,} Monte Carlo draws per workflow", fontsize=10)
+    fig.suptitle(
+        f"Gaussian-process limit, {result.draws:,} Monte Carlo draws per workflow", fontsize=10
+    )
     for fmt, dpi in (("png", 200), ("pdf", None)):
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=dpi)
@@ -163,7 +283,13 @@ def main(args: argparse.Namespace) -> int:
     exact = {w: limit_ratio(w, config.generations) for w in WORKFLOWS}
     t_exact = time.perf_counter() - t_exact
 
-    result = limit_monte_carlo(config, args.precision, max_draws=args.max_draws, progress=say or False)
+    result = limit_monte_carlo(
+        config,
+        args.precision,
+        max_draws=args.max_draws,
+        progress=say or False,
+        workers=args.workers,
+    )
 
     finite: dict[str, Any] = {}
     if finite_configs:
@@ -180,8 +306,18 @@ def main(args: argparse.Namespace) -> int:
     for w in WORKFLOWS:
         s = result.summaries[w]
         for i in range(config.generations):
-            rows.append([w, i + 1, float(s.variance_ratio[i]), float(s.ci_low[i]), float(s.ci_high[i]),
-                         float(s.variance_ratio_se[i]), float(exact[w][i]), int(s.count[i])])
+            rows.append(
+                [
+                    w,
+                    i + 1,
+                    float(s.variance_ratio[i]),
+                    float(s.ci_low[i]),
+                    float(s.ci_high[i]),
+                    float(s.variance_ratio_se[i]),
+                    float(exact[w][i]),
+                    int(s.count[i]),
+                ]
+            )
     write_csv(out / "figure1.csv", CSV_COLUMNS, rows)
     outputs = ["figure1.csv", "figure1.png", "figure1.pdf", "figure1.json"]
     if finite:
@@ -189,9 +325,21 @@ def main(args: argparse.Namespace) -> int:
         for w, res in finite.items():
             s = res.summary
             for i in range(res.config.generations):
-                rows.append([w, i + 1, res.config.model, res.config.n, int(s.count[i]),
-                             float(s.variance_ratio[i]), float(s.ci_low[i]), float(s.ci_high[i]),
-                             float(s.variance_ratio_se[i]), float(exact[w][i]), int(res.failed_fits[i])])
+                rows.append(
+                    [
+                        w,
+                        i + 1,
+                        res.config.model,
+                        res.config.n,
+                        int(s.count[i]),
+                        float(s.variance_ratio[i]),
+                        float(s.ci_low[i]),
+                        float(s.ci_high[i]),
+                        float(s.variance_ratio_se[i]),
+                        float(exact[w][i]),
+                        int(res.failed_fits[i]),
+                    ]
+                )
         write_csv(out / "figure1_finite_n.csv", FINITE_N_COLUMNS, rows)
         outputs.insert(1, "figure1_finite_n.csv")
     _plot(out / "figure1", result, exact, finite)
@@ -210,8 +358,9 @@ def main(args: argparse.Namespace) -> int:
     mc_run = result.wall_time - result.compile_time
     manifest = {
         "command": "figure1",
-        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                      if k != "func"},
+        "arguments": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
+        },
         "limit_config": config.to_dict(),
         "precision": args.precision,
         "draws_per_workflow": {w: result.draws for w in WORKFLOWS},
@@ -234,8 +383,12 @@ def main(args: argparse.Namespace) -> int:
     write_json(out / "figure1.json", manifest)
     for w in WORKFLOWS:
         v = last[w]
-        print(f"{w:>17}: ratio[g={G}] = {v['variance_ratio']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
-              f"  exact {v['exact']:.4f}")
-    print(f"wrote {out}/figure1.{{png,pdf,csv,json}}: {result.draws:,} draws per workflow, "
-          f"wall {time.perf_counter() - t0:.1f}s (compile {result.compile_time:.1f}s)")
+        print(
+            f"{w:>17}: ratio[g={G}] = {v['variance_ratio']:.4f} "
+            f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]  exact {v['exact']:.4f}"
+        )
+    print(
+        f"wrote {out}/figure1.{{png,pdf,csv,json}}: {result.draws:,} draws per workflow, "
+        f"wall {time.perf_counter() - t0:.1f}s (compile {result.compile_time:.1f}s)"
+    )
     return 0

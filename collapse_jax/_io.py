@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import tempfile
@@ -35,13 +36,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Atomically write a CSV; floats are written with repr precision (round-trip exact)."""
+    """Atomically write a CSV; floats are written with repr precision (round-trip exact).
+
+    A non-finite float (a statistic with fewer than two trajectories behind
+    it) is written as an empty field, never as ``nan`` or ``inf``.
+    """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for row in rows:
-        w.writerow([repr(float(v)) if isinstance(v, float) else v for v in row])
+        w.writerow([_cell(v) for v in row])
     atomic_write_text(path, buf.getvalue())
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return v
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

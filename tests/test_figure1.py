@@ -75,7 +75,12 @@ def test_manifest(small_run):
 
 def test_defaults_match_the_paper():
     args = _args(["--out", "x"])
-    assert (args.generations, args.draws, args.precision, args.finite_n) == (100, 1_000_000, None, None)
+    assert (args.generations, args.draws, args.precision, args.finite_n) == (
+        100,
+        1_000_000,
+        None,
+        None,
+    )
     config, finite = _figure1._configs(args)
     assert config.d == 1 and config.draws == 1_000_000 and config.workflows == WORKFLOWS
     assert config.dtype == "float64" and finite == []
@@ -83,7 +88,16 @@ def test_defaults_match_the_paper():
 
 def test_precision_mode(tmp_path, small_run, capsys):
     # Same generations and block size as small_run: the kernel is already compiled.
-    argv = ["--generations", "10", "--draws", "10000", "--block-size", "10000", "--precision", "0.03"]
+    argv = [
+        "--generations",
+        "10",
+        "--draws",
+        "10000",
+        "--block-size",
+        "10000",
+        "--precision",
+        "0.03",
+    ]
     assert _figure1.main(_args([*argv, "--out", str(tmp_path)])) == 0
     m = json.loads((tmp_path / "figure1.json").read_text())
     assert m["worst_relative_halfwidth"] < 0.03
@@ -137,14 +151,25 @@ def test_finite_n_overlay_agrees_with_the_limit(tmp_path, small_run):
     # O(g / n) (each generation's fit carries an O(1/n) relative variance
     # correction).  Allowance: 5 standard errors + 3 g / n relative.
     n, G = 500, 4
-    argv = [*SMALL, "--finite-n", str(n), "--finite-n-generations", str(G),
-            "--finite-n-trajectories", "2000"]
+    argv = [
+        *SMALL,
+        "--finite-n",
+        str(n),
+        "--finite-n-generations",
+        str(G),
+        "--finite-n-trajectories",
+        "2000",
+    ]
     assert _figure1.main(_args([*argv, "--out", str(tmp_path)])) == 0
     rows = _rows(tmp_path / "figure1_finite_n.csv")
     assert [r["workflow"] for r in rows] == [w for w in WORKFLOWS for _ in range(G)]
     for r in rows:
         g = int(r["generation"])
-        ratio, se, exact = float(r["variance_ratio"]), float(r["variance_ratio_se"]), float(r["exact"])
+        ratio, se, exact = (
+            float(r["variance_ratio"]),
+            float(r["variance_ratio_se"]),
+            float(r["exact"]),
+        )
         assert r["model"] == "ols" and int(r["n"]) == n and int(r["trajectories"]) == 2000
         assert exact == pytest.approx(limit_ratio(r["workflow"], G)[g - 1], abs=1e-12)
         if g > 1:

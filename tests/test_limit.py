@@ -20,7 +20,7 @@ from collapse_jax._limit import (
     limit_trajectories,
     trace_count,
 )
-from collapse_jax._statistics import block_moments, merge_moments, summarize, zero_moments
+from collapse_jax._statistics import block_moments, merge_moments, zero_moments
 
 WORKFLOWS = ("discard", "augment", "subsample", "subsample-replace")
 G = 30
@@ -47,13 +47,17 @@ def base_paths():
 def test_exact_discard_and_augment_closed_forms():
     g = np.arange(1, 201)
     np.testing.assert_allclose(limit_ratio("discard", 200), g, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(limit_ratio("augment", 200), np.cumsum(1.0 / g**2), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        limit_ratio("augment", 200), np.cumsum(1.0 / g**2), rtol=0, atol=1e-12
+    )
     # Cross-generation covariances: discard is a random walk, augment a
     # martingale (U_g = U_h + independent increments): Cov(U_g, U_h) = Var(U_min).
     gg, hh = np.meshgrid(g[:50], g[:50], indexing="ij")
     np.testing.assert_allclose(limit_exact("discard", 50), np.minimum(gg, hh), rtol=0, atol=1e-12)
     var = np.cumsum(1.0 / g[:50] ** 2)
-    np.testing.assert_allclose(limit_exact("augment", 50), var[np.minimum(gg, hh) - 1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        limit_exact("augment", 50), var[np.minimum(gg, hh) - 1], rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("workflow", ["subsample", "subsample-replace"])
@@ -79,8 +83,11 @@ def test_exact_plateaus_and_structure():
     # The G -> infinity plateaus (closed forms in the docs) and the 1/G approach
     # to them: the tails sum_{k>G} 1/k^2 ~ 1/G, plus 1 - s_G^2 = 1/G for subsample.
     big = 3000
-    for w, plateau, gap in (("augment", math.pi**2 / 6, 1.0), ("subsample", math.pi**2 / 2 - 2, 3.0),
-                            ("subsample-replace", math.pi**2 / 3 - 0.25, 2.0)):
+    for w, plateau, gap in (
+        ("augment", math.pi**2 / 6, 1.0),
+        ("subsample", math.pi**2 / 2 - 2, 3.0),
+        ("subsample-replace", math.pi**2 / 3 - 0.25, 2.0),
+    ):
         assert big * (plateau - limit_ratio(w, big)[-1]) == pytest.approx(gap, rel=2e-3), w
     for w in WORKFLOWS:
         c = limit_exact(w, 40)
@@ -121,7 +128,9 @@ def test_cross_generation_covariance_matches_exact(base_paths):
         n = u.shape[0]
         u = u - u.mean(0)
         emp = u.T @ u / n
-        se = np.sqrt(np.clip((u * u).T @ (u * u) / n - emp**2, 0, None) / n)  # sd(u_g u_h) / sqrt(n)
+        se = np.sqrt(
+            np.clip((u * u).T @ (u * u) / n - emp**2, 0, None) / n
+        )  # sd(u_g u_h) / sqrt(n)
         exact = limit_exact(w, G)
         assert np.all(np.abs(emp - exact) < 5 * se + 1e-12), w
 
@@ -131,8 +140,10 @@ def test_paths_feed_the_same_moments_as_the_kernel(base_result, base_paths):
     # the paths limit_trajectories returns.
     ref = limit_monte_carlo(BASE.replace(draws=10_000))
     for w in WORKFLOWS:
-        m = merge_moments(zero_moments(G, 1), block_moments(base_paths[w][:10_000], np.ones((10_000, G))))
-        for a, b in zip(m, ref.moments[w]):
+        m = merge_moments(
+            zero_moments(G, 1), block_moments(base_paths[w][:10_000], np.ones((10_000, G)))
+        )
+        for a, b in zip(m, ref.moments[w], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9)
 
 
@@ -147,7 +158,9 @@ def test_ratio_does_not_depend_on_efficiency(base_result):
         exact = limit_ratio(w, G)
         assert np.all(np.abs(s.variance_ratio[1:] - exact[1:]) < 5 * s.variance_ratio_se[1:]), w
         diff = s.variance_ratio[1:] - ref.variance_ratio[1:]
-        assert np.all(np.abs(diff) < 5 * np.hypot(s.variance_ratio_se[1:], ref.variance_ratio_se[1:])), w
+        assert np.all(
+            np.abs(diff) < 5 * np.hypot(s.variance_ratio_se[1:], ref.variance_ratio_se[1:])
+        ), w
         # Var(U_g) = c_gg * pi/2.
         v = s.cov[:, 0, 0]
         target = np.diag(limit_exact(w, G)) * MEDIAN_EFFICIENCY
@@ -157,8 +170,16 @@ def test_ratio_does_not_depend_on_efficiency(base_result):
 def test_multivariate_with_fisher_information():
     fisher = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]])
     v = np.linalg.inv(fisher) + np.diag([0.5, 0.1, 0.3])  # an inefficient estimator
-    cfg = LimitConfig(workflows=("augment", "subsample-replace"), generations=6, d=3, fisher=fisher,
-                      estimator_cov=v, draws=60_000, block_size=20_000, seed=3)
+    cfg = LimitConfig(
+        workflows=("augment", "subsample-replace"),
+        generations=6,
+        d=3,
+        fisher=fisher,
+        estimator_cov=v,
+        draws=60_000,
+        block_size=20_000,
+        seed=3,
+    )
     res = limit_monte_carlo(cfg)
     n = cfg.draws
     for w, s in res.summaries.items():
@@ -174,8 +195,14 @@ def test_multivariate_with_fisher_information():
 
 
 def test_float32_matches_exact():
-    cfg = LimitConfig(workflows=("subsample",), generations=5, draws=20_000, block_size=10_000,
-                      dtype="float32", seed=4)
+    cfg = LimitConfig(
+        workflows=("subsample",),
+        generations=5,
+        draws=20_000,
+        block_size=10_000,
+        dtype="float32",
+        seed=4,
+    )
     s = limit_monte_carlo(cfg).summary
     exact = limit_ratio("subsample", 5)
     assert np.all(np.abs(s.variance_ratio[1:] - exact[1:]) < 5 * s.variance_ratio_se[1:])
@@ -191,7 +218,7 @@ def test_block_size_invariance(base_result, base_paths):
     a = limit_monte_carlo(cfg)  # block 5000: 3 blocks, the last one padded
     b = limit_monte_carlo(cfg.replace(block_size=3_000))  # 5 blocks
     for w in WORKFLOWS:
-        for x, y in zip(a.summaries[w], b.summaries[w]):
+        for x, y in zip(a.summaries[w], b.summaries[w], strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15)
     # Per-draw paths: a draw's path is the same in any batch (here: every 7th
     # draw, in batches of 500, against the contiguous 40,000-draw batch).
@@ -229,8 +256,9 @@ def test_precision_mode_stops_when_target_holds(base_result):
     # ... and the result is that of a fixed run of the same size.
     fixed = limit_monte_carlo(cfg.replace(draws=res.draws))
     for w in WORKFLOWS:
-        np.testing.assert_allclose(fixed.summaries[w].variance_ratio, res.summaries[w].variance_ratio,
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            fixed.summaries[w].variance_ratio, res.summaries[w].variance_ratio, rtol=1e-12
+        )
     # The cap wins over an unreachable target.
     capped = limit_monte_carlo(cfg, precision=1e-4, max_draws=15_000)
     assert capped.draws == 15_000 and capped.worst_halfwidth > 1e-4
