@@ -1,4 +1,4 @@
-"""The ``collapse-jax`` command line.
+"""collapse-jax: batched Monte Carlo of model-collapse workflows and their Gaussian-process limit.
 
 Every user error (unknown option, bad value, impossible configuration) is
 reported as one line on stderr with exit code 2, before anything is compiled.
@@ -112,6 +112,19 @@ def _add_figure1(sub) -> None:
     p.set_defaults(func=_figure1.main)
 
 
+def _add_sweep(sub) -> None:
+    from . import _sweep
+
+    p = sub.add_parser("sweep", help="run a resumable parameter sweep declared in a TOML file",
+                       allow_abbrev=False)
+    _sweep.add_arguments(p)
+    p.set_defaults(func=_sweep.main)
+    p = sub.add_parser("plot", help="faceted figures of a sweep directory, with theory overlaid",
+                       allow_abbrev=False)
+    _sweep.add_plot_arguments(p)
+    p.set_defaults(func=_sweep.plot_main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collapse-jax", description=__doc__.splitlines()[0], allow_abbrev=False)
     from . import __version__
@@ -119,10 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"collapse-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
-    try:
-        _add_figure1(sub)
-    except ImportError:  # figure1 lands separately
-        pass
+    _add_figure1(sub)
+    _add_sweep(sub)
     return parser
 
 
