@@ -162,10 +162,18 @@ def environment(removed: dict) -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
+    import subprocess
+
     import jax
     import scipy
 
+    try:
+        git = subprocess.run(["git", "-C", str(_HERE.parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
     return {
+        "git": git,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scipy": scipy.__version__,
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     removed = json.loads(os.environ.get(_REEXEC_MARK, "{}"))
     env = environment(removed)
     print(f"collapse_jax benchmark  n={N} d={D} G={G}  {env['cpu']}  {env['cpu_count']} cores  "
-          f"numpy {env['numpy']}  jax {env['jax']}  devices {env['jax_devices']}")
+          f"numpy {env['numpy']}  jax {env['jax']}  devices {env['jax_devices']}  git {env['git']}")
     print(f"load average at start: {env['load_average_at_start']}  (a shared machine makes rates noisy)")
     for k in OPENBLAS_VARS:
         if k in removed:
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "draw": "stats" if cfg.uses_sufficient_statistics else "data",
                     "n": N, "d": D, "generations": G, "trajectories": R,
                     "engine_block_size": res.block_size,
+                    "engine_prng": getattr(cfg, "prng", None),
                     "engine_compile_s": eng["compile_s"],
                     "engine_first_call_s": eng["first_call_s"],
                     "engine_run_s": eng["run_s"],

@@ -6,7 +6,9 @@ One process, one table (d = 1, MLE: V = I^{-1} = 1).  Rows:
 
 - ``jax all-4``: `limit_monte_carlo` with the four workflows in one kernel
   (common random numbers, what ``collapse-jax figure1`` runs), `--draws`
-  draws (default 10^6); with `--large` also 10^7.
+  draws (default 10^6); with `--large` also 10^7.  In one process, and
+  with `--workers` processes (default 2; the compile column is then the
+  slowest worker's compile, which overlaps the other's run).
 - ``jax <workflow>``: one workflow per kernel, `--single-draws` draws each
   (default 250,000): the per-workflow rate.
 - ``numpy all-4`` / ``numpy <workflow>``: a plain vectorized numpy program of
@@ -120,6 +122,9 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="also 10^7 draws (all four workflows)")
     ap.add_argument("--single-draws", type=int, default=250_000)
     ap.add_argument("--numpy-draws", type=int, default=100_000)
+    ap.add_argument(
+        "--workers", type=int, default=2, help="also time all-4 with this many worker processes"
+    )
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     G = args.generations
@@ -157,6 +162,12 @@ def main() -> None:
     for n in sizes:
         res = limit_monte_carlo(LimitConfig(workflows=WORKFLOWS, generations=G, draws=n))
         row("jax all-4", 4, n, res.wall_time, res.compile_time, zmax(res.summaries, G))
+        if args.workers > 1:
+            res = limit_monte_carlo(
+                LimitConfig(workflows=WORKFLOWS, generations=G, draws=n), workers=args.workers
+            )
+            name = f"jax all-4 ({args.workers} workers)"
+            row(name, 4, n, res.wall_time, res.compile_time, zmax(res.summaries, G))
     for w in WORKFLOWS:
         res = limit_monte_carlo(LimitConfig(workflows=w, generations=G, draws=args.single_draws))
         row(
@@ -184,7 +195,11 @@ def main() -> None:
     ratios = {}
     for name in ("all-4", *WORKFLOWS):
         ratios[name] = rate[f"jax {name}"] / rate[f"numpy {name}"]
-        print(f"  {name:<18} {ratios[name]:.2f}x")
+        print(f"  {name:<26} {ratios[name]:.2f}x")
+    if args.workers > 1:
+        name = f"all-4 ({args.workers} workers)"
+        ratios[name] = rate[f"jax {name}"] / rate["numpy all-4"]
+        print(f"  {name:<26} {ratios[name]:.2f}x  (numpy: one process)")
 
     print("\nexact (covariance propagation) vs explicit linear map:")
     exact = {}

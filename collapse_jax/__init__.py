@@ -20,6 +20,13 @@ from ._engine import Trajectory as Trajectory  # noqa: E402
 from ._estimators import FitResult as FitResult  # noqa: E402
 from ._estimators import least_squares as least_squares  # noqa: E402
 from ._estimators import logistic_newton as logistic_newton  # noqa: E402
+from ._limit import MEDIAN_EFFICIENCY as MEDIAN_EFFICIENCY  # noqa: E402
+from ._limit import LimitConfig as LimitConfig  # noqa: E402
+from ._limit import LimitResult as LimitResult  # noqa: E402
+from ._limit import limit_exact as limit_exact  # noqa: E402
+from ._limit import limit_monte_carlo as limit_monte_carlo  # noqa: E402
+from ._limit import limit_ratio as limit_ratio  # noqa: E402
+from ._limit import limit_trajectories as limit_trajectories  # noqa: E402
 from ._statistics import Moments as Moments  # noqa: E402
 from ._statistics import Summary as Summary  # noqa: E402
 from ._statistics import block_moments as block_moments  # noqa: E402

@@ -63,7 +63,10 @@ def theory(config: dict[str, Any], metric: str, g: np.ndarray) -> np.ndarray | N
         return factor
     n, d = config["n"], config["d"]
     cov = config.get("feature_cov")
-    tr_inv = float(d) if cov is None else float(np.trace(np.linalg.inv(np.asarray(cov, np.float64))))
+    if cov is None:
+        tr_inv = float(d)
+    else:
+        tr_inv = float(np.trace(np.linalg.inv(np.asarray(cov, np.float64))))
     return config["sigma"] ** 2 * tr_inv / (n - d - 1) * factor
 
 
@@ -149,12 +152,14 @@ def _draw(records, metric: str, rows: str | None, cols: str | None, title: str):
         for j, cv in enumerate(col_vals):
             ax = axes[i, j]
             here = [r for r in records
-                    if (rows is None or _value(r, rows) == rv) and (cols is None or _value(r, cols) == cv)]
-            label = ", ".join(s for s in (_facet_label(records, rows, rv), _facet_label(records, cols, cv)) if s)
+                    if (rows is None or _value(r, rows) == rv)
+                    and (cols is None or _value(r, cols) == cv)]
+            labels = (_facet_label(records, rows, rv), _facet_label(records, cols, cv))
+            label = ", ".join(s for s in labels if s)
             if not here:
                 ax.set_title(label, fontsize=9, color="0.5")
-                ax.text(0.5, 0.5, "no cell\n(impossible or not run)", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=8, color="0.5")
+                ax.text(0.5, 0.5, "no cell\n(impossible, skipped or not run yet)", ha="center",
+                        va="center", transform=ax.transAxes, fontsize=8, color="0.5")
                 ax.tick_params(labelsize=8)
                 continue
             here.sort(key=lambda r: _ORDER.index(r["config"]["workflow"])
@@ -164,7 +169,8 @@ def _draw(records, metric: str, rows: str | None, cols: str | None, title: str):
                 if w not in workflows_seen:
                     workflows_seen.append(w)
                 color = COLORS.get(w, "0.3")
-                a = np.asarray(r["rows"], np.float64)
+                a = np.asarray([[np.nan if v is None else v for v in row] for row in r["rows"]],
+                               np.float64)
                 g = a[:, ci("generation")].astype(np.int64)
                 if metric == "variance_ratio":
                     y, lo, hi = a[:, ci("variance_ratio")], a[:, ci("ci_low")], a[:, ci("ci_high")]
@@ -174,9 +180,10 @@ def _draw(records, metric: str, rows: str | None, cols: str | None, title: str):
                 exact = theory(r["config"], metric, g)
                 if exact is not None:
                     any_theory = True
-                    ax.plot(g, exact, color=color, lw=5, alpha=0.25, solid_capstyle="butt", zorder=1)
+                    ax.plot(g, exact, color="k", lw=0.9, ls=(0, (4, 2)), zorder=4)
                 positive = np.isfinite(lo) & (lo > 0)
-                ax.fill_between(g, np.where(positive, lo, y), hi, color=color, alpha=0.18, lw=0, zorder=2)
+                ax.fill_between(g, np.where(positive, lo, y), hi, color=color, alpha=0.18, lw=0,
+                                zorder=2)
                 ax.plot(g, y, color=color, lw=1.1, zorder=3)
             ax.set_title(label, fontsize=9)
             ax.set_yscale("log")
@@ -191,8 +198,10 @@ def _draw(records, metric: str, rows: str | None, cols: str | None, title: str):
     handles = [Line2D([], [], color=COLORS.get(w, "0.3"), lw=1.5, label=w) for w in workflows_seen]
     handles.append(Patch(color="0.5", alpha=0.3, lw=0, label="95% interval"))
     if any_theory:
-        handles.append(Line2D([], [], color="0.4", lw=5, alpha=0.3, label="closed form"))
-    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9, frameon=False)
+        handles.append(Line2D([], [], color="k", lw=0.9, ls=(0, (4, 2)),
+                              label="closed form (exact)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
+               frameon=False)
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -224,11 +233,13 @@ def plot_sweep(out: str | Path, formats: tuple[str, ...] = ("png", "pdf")) -> li
             fixed.append(_label(*_noise(first)))
         traj = sorted({r["trajectories"] for r in recs})
         rtext = f"{traj[0]:,}" if len(traj) == 1 else f"{traj[0]:,}-{traj[-1]:,}"
-        stem = "__".join([""] + [f"{'sigma2' if k == 'noise' and 'sigma2' in first['params'] else k}={_fmt(v)}"
-                                 for k, v in zip(split, combo)])
+        noise_name = "sigma2" if "sigma2" in first["params"] else "sigma"
+        stem = "".join(f"__{noise_name if k == 'noise' else k}={_fmt(v)}"
+                       for k, v in zip(split, combo))
         for metric in ("variance_ratio", "mse"):
             what = "variance ratio" if metric == "variance_ratio" else "mean squared error"
-            title = " | ".join(s for s in [name, what, *parts, *fixed, f"{rtext} trajectories per cell"] if s)
+            bits = [name, what, *parts, *fixed, f"{rtext} trajectories per cell"]
+            title = " | ".join(s for s in bits if s)
             fig = _draw(recs, metric, rows, cols, title)
             for fmt in formats:
                 buf = io.BytesIO()

@@ -52,7 +52,9 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(SimulationConfig))
 # Grid keys: every SimulationConfig field but `trajectories` (a sweep option), plus sigma2.
 GRID_KEYS = tuple(k for k in _FIELDS if k != "trajectories") + ("sigma2",)
 # Sweep-wide options (top level of the TOML file).
-OPTION_KEYS = ("name", "description", "trajectories", "precision", "max_trajectories", "skip_invalid")
+OPTION_KEYS = (
+    "name", "description", "trajectories", "precision", "max_trajectories", "skip_invalid",
+)
 _TOP_KEYS = OPTION_KEYS + ("grid",)
 # Fields whose single value is itself a list: a list of those is a list of values.
 _VECTOR_DEPTH = {"theta0": 1, "feature_cov": 2}
@@ -104,15 +106,15 @@ class CellResult(NamedTuple):
     """A finished cell: per-generation rows in `SUMMARY_COLUMNS` order."""
 
     cell: Cell
-    rows: list[list[Any]]  # G rows, SUMMARY_COLUMNS
+    rows: list[list[Any]]  # G rows, SUMMARY_COLUMNS; None where undefined (written blank)
     trajectories: int  # trajectories run (grows past `trajectories` under a precision target)
     wall_time: float  # seconds spent on this cell, across resumes: 0 where unknown
     from_store: bool  # True: read back from results.jsonl (finished by an earlier run)
 
     def column(self, name: str) -> np.ndarray:
-        """One summary column over generations, shape (G,)."""
+        """One summary column over generations, shape (G,), float64 (NaN where undefined)."""
         j = SUMMARY_COLUMNS.index(name)
-        return np.asarray([r[j] for r in self.rows], np.float64)
+        return np.asarray([np.nan if r[j] is None else r[j] for r in self.rows], np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +172,8 @@ class SweepConfig:
             if m is None:
                 raise ValueError("precision needs max_trajectories (the cap per cell)")
             if isinstance(m, bool) or not isinstance(m, int) or m < t:
-                raise ValueError(f"max_trajectories must be an integer >= trajectories ({t}), got {m!r}")
+                raise ValueError(
+                    f"max_trajectories must be an integer >= trajectories ({t}), got {m!r}")
         elif self.max_trajectories is not None:
             raise ValueError("max_trajectories only applies with precision")
         cells, skipped = self._build_cells()
@@ -183,8 +186,8 @@ class SweepConfig:
         for k in keys:
             if k not in GRID_KEYS:
                 if k == "trajectories":
-                    raise ValueError("trajectories is a sweep option (per cell): write it at the top "
-                                     "level, before [grid]")
+                    raise ValueError("trajectories is a sweep option (per cell): write it at the "
+                                     "top level, before [grid]")
                 raise ValueError(f"unknown grid key {k!r}{_did_you_mean(k, GRID_KEYS)}")
         if len(set(keys)) != len(keys):
             raise ValueError("a grid key appears twice")
@@ -213,25 +216,26 @@ class SweepConfig:
                     why = next(e for p, e in bad if p[key] == v)
                     raise ValueError(f"grid {key} = {v!r} makes every cell impossible: {why}")
         if bad and not self.skip_invalid:
-            shown = "; ".join(f"({label(p)})" for p, _ in bad[:4]) + ("; ..." if len(bad) > 4 else "")
-            raise ValueError(f"{len(bad)} of {len(bad) + len(good)} cells are impossible ({bad[0][1]}): "
-                             f"{shown}; set skip_invalid = true to skip them")
+            shown = "; ".join(f"({label(p)})" for p, _ in bad[:4])
+            shown += "; ..." if len(bad) > 4 else ""
+            raise ValueError(f"{len(bad)} of {len(bad) + len(good)} cells are impossible "
+                             f"({bad[0][1]}): {shown}; set skip_invalid = true to skip them")
         cells = []
-        seen: dict[str, int] = {}
+        seen: dict[SimulationConfig, int] = {}
         for i, (params, cfg) in enumerate(good):
-            cid = fingerprint(cfg)[:12]
-            if cid in seen:
-                raise ValueError(f"grid has duplicate cells: ({label(good[seen[cid]][0])}) and "
+            if cfg in seen:  # dataclass equality: sigma = 1 and 1.0 are one cell
+                raise ValueError(f"grid has duplicate cells: ({label(good[seen[cfg]][0])}) and "
                                  f"({label(params)}) are the same configuration")
-            seen[cid] = i
-            cells.append(Cell(i, cid, params, cfg))
+            seen[cfg] = i
+            cells.append(Cell(i, fingerprint(cfg)[:12], params, cfg))
         return tuple(cells), tuple(bad)
 
     def _config(self, params: Mapping[str, Any]) -> SimulationConfig:
         kw = dict(params)
         if "sigma2" in kw:
             s2 = kw.pop("sigma2")
-            if isinstance(s2, bool) or not isinstance(s2, (int, float)) or not s2 > 0 or not math.isfinite(s2):
+            number = isinstance(s2, (int, float)) and not isinstance(s2, bool)
+            if not number or not s2 > 0 or not math.isfinite(s2):
                 raise ValueError(f"sigma2 must be a positive number, got {s2!r}")
             kw["sigma"] = math.sqrt(s2)
         kw["trajectories"] = self.trajectories
@@ -293,7 +297,8 @@ class SweepConfig:
                     raise ValueError(f"{key!r} is a cell parameter: put it under [grid]")
                 raise ValueError(f"unknown option {key!r}{_did_you_mean(key, _TOP_KEYS)}")
         if "grid" not in mapping:
-            raise ValueError("no [grid] table: give at least one cell parameter, e.g. n = [100, 1000]")
+            raise ValueError("no [grid] table: give at least one cell parameter, "
+                             "e.g. n = [100, 1000]")
         grid = mapping["grid"]
         if not isinstance(grid, Mapping):
             raise ValueError("grid must be a table ([grid])")
@@ -365,12 +370,14 @@ def _csv_value(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, (list, tuple)) else v
 
 
-def write_summary(out: Path, sweep: SweepConfig, records: list[dict[str, Any]] | None = None) -> int:
+def write_summary(out: Path, sweep: SweepConfig,
+                  records: list[dict[str, Any]] | None = None) -> int:
     """Regenerate DIR/summary.csv (atomic) from the records; returns the number of cells in it."""
     if records is None:
         records = read_records(out / "results.jsonl")
     index = {c.id: c for c in sweep.cells}
-    recs = sorted((r for r in records if r["cell_id"] in index), key=lambda r: index[r["cell_id"]].index)
+    recs = sorted((r for r in records if r["cell_id"] in index),
+                  key=lambda r: index[r["cell_id"]].index)
     keys = sweep.param_keys
     rows = []
     for r in recs:
@@ -402,7 +409,8 @@ def _open_store(out: Path, sweep: SweepConfig, force: bool) -> None:
         clash = f"{out} holds sweep results without sweep.json"
     if clash:
         if not force:
-            raise ValueError(f"{clash}; choose another output directory or pass --force to start afresh")
+            raise ValueError(f"{clash}; choose another output directory or pass --force to "
+                             "start afresh")
         for name in _OWNED:
             p = out / name
             if p.is_dir():
@@ -483,11 +491,13 @@ def _run_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, say: Callable[[str
             return res, rounds
         rounds += 1
         new = cfg.replace(trajectories=nxt)
-        write_json(rounds_file, {"round": rounds, "trajectories": nxt, "previous": cfg.trajectories})
+        write_json(rounds_file,
+                   {"round": rounds, "trajectories": nxt, "previous": cfg.trajectories})
         _rebase_checkpoint(cell_dir, cfg, new)
         if say:
-            say(f"[sweep]   round {rounds}: relative half-width {res.summary.relative_halfwidth[-1]:.3g} "
-                f"> {sweep.precision}: {cfg.trajectories:,} -> {nxt:,} trajectories")
+            hw = res.summary.relative_halfwidth[-1]
+            say(f"[sweep]   round {rounds}: relative half-width {hw:.3g} > {sweep.precision}: "
+                f"{cfg.trajectories:,} -> {nxt:,} trajectories")
         cfg = new
 
 
@@ -504,8 +514,14 @@ def _record(sweep: SweepConfig, cell: Cell, res, rounds: int, wall: float) -> di
         "compile_time_s": res.compile_time,
         "sweep_hash": sweep.hash(),
         "columns": list(SUMMARY_COLUMNS),
-        "rows": res.rows(),
+        "rows": _json_rows(res.rows()),
     }
+
+
+def _json_rows(rows: list[list[Any]]) -> list[list[Any]]:
+    # Undefined statistics (NaN) become null: results.jsonl stays standard JSON.
+    return [[None if isinstance(v, float) and not math.isfinite(v) else v for v in row]
+            for row in rows]
 
 
 def _from_record(cell: Cell, rec: Mapping[str, Any]) -> CellResult:
@@ -555,7 +571,8 @@ def iter_sweep(
     of times.
     """
     out = Path(out)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress is True else (progress or None)
+    say = ((lambda s: print(s, file=sys.stderr, flush=True)) if progress is True
+           else (progress or None))
     _open_store(out, sweep, force)
     if compilation_cache is not None:
         import jax
@@ -586,9 +603,11 @@ def _iterate(sweep: SweepConfig, out: Path, say) -> Iterator[CellResult]:
 
             def relay(line: str, head=head) -> None:
                 nonlocal last_line
-                if say and (line.startswith("[sweep]") or time.perf_counter() - last_line > 2.0):
+                urgent = line.startswith("[sweep]") or "resuming" in line
+                if say and (urgent or time.perf_counter() - last_line > 2.0):
                     last_line = time.perf_counter()
-                    say(line if line.startswith("[sweep]") else f"{head}: {line.split('] ', 1)[-1]}")
+                    say(line if line.startswith("[sweep]")
+                        else f"{head}: {line.split('] ', 1)[-1]}")
 
             res, rounds = _run_cell(sweep, cell, cell_dir, relay)
             wall = time.perf_counter() - t_cell
@@ -603,11 +622,13 @@ def _iterate(sweep: SweepConfig, out: Path, say) -> Iterator[CellResult]:
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / (k + 1) * (len(todo) - k - 1)
                 fits = res.config.trajectories * g / max(wall - res.compile_time, 1e-9)
-                say(f"[sweep] {done}/{total} cells | {_describe(sweep, cell)} | R={res.config.trajectories:,} "
-                    f"ratio[g={g}] = {s.variance_ratio[-1]:.4g} [{s.ci_low[-1]:.4g}, {s.ci_high[-1]:.4g}] "
+                say(f"[sweep] {done}/{total} cells | {_describe(sweep, cell)} | "
+                    f"R={res.config.trajectories:,} ratio[g={g}] = {s.variance_ratio[-1]:.4g} "
+                    f"[{s.ci_low[-1]:.4g}, {s.ci_high[-1]:.4g}] "
                     f"mse = {s.mse[-1]:.4g} | {wall:.1f}s (compile {res.compile_time:.1f}s, "
-                    f"{fits:,.0f} fits/s) | {(k + 1) / elapsed * 60:.1f} cells/min | ETA {_duration(eta)}")
-            yield CellResult(cell, res.rows(), res.config.trajectories, wall, False)
+                    f"{fits:,.0f} fits/s) | {(k + 1) / elapsed * 60:.1f} cells/min | "
+                    f"ETA {_duration(eta)}")
+            yield CellResult(cell, _json_rows(res.rows()), res.config.trajectories, wall, False)
     finally:
         write_summary(out, sweep)
         cells_dir = out / "cells"
@@ -669,20 +690,25 @@ def dry_run_report(sweep: SweepConfig) -> str:
         lines.append(f"  {c.index:>5} {c.id}  shape {spec_no[id(c)]:>3}  {_describe(sweep, c)}  "
                      f"R={cfg.trajectories:,} in {blocks} block(s) of {cfg.block_size:,}")
     for p, why in sweep.skipped:
-        lines.append(f"  skipped: {', '.join(f'{k}={v}' for k, v in p.items() if k in sweep.varying)}: {why}")
+        where = ", ".join(f"{k}={v}" for k, v in p.items() if k in sweep.varying)
+        lines.append(f"  skipped: {where}: {why}")
     lines.append("")
-    lines.append("compiled shapes (StaticSpec) and memory per block:")
+    names = [f.name for f in dataclasses.fields(next(iter(shapes)))]
+    differ = [k for k in names if len({getattr(s, k) for s in shapes}) > 1]
+    common = ", ".join(f"{k}={getattr(next(iter(shapes)), k)}" for k in names if k not in differ)
+    lines.append(f"compiled shapes (StaticSpec; all have {common}) and memory per block:")
     total_fits = 0
     for i, (spec, group) in enumerate(shapes.items()):
         cfg = group[0].config
         block = bytes_per_trajectory(cfg) * spec.block_size
         moments = 8 * spec.generations * (4 * spec.d) ** 2
-        fields = ", ".join(f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec))
-        lines.append(f"  {i:>3}: {len(group)} cell(s)  block arrays ~{_mb(block)}, moment sums "
-                     f"{_mb(moments)}  [{fields}]")
+        fields = ", ".join(f"{k}={getattr(spec, k)}" for k in differ)
+        lines.append(f"  {i:>3}: {fields}: {len(group)} cell(s), block arrays ~{_mb(block)}, "
+                     f"moment sums {_mb(moments)}")
         total_fits += sum(c.config.trajectories * c.config.generations for c in group)
     lines.append("")
-    lines.append(f"total: {total_fits:,} fits (trajectories x generations) before any precision rounds")
+    lines.append(f"total: {total_fits:,} fits (trajectories x generations) before any "
+                 "precision rounds")
     return "\n".join(lines)
 
 
@@ -694,12 +720,13 @@ def dry_run_report(sweep: SweepConfig) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``sweep`` options."""
     parser.description = (
-        "Run a grid of simulation cells from a TOML file (see docs/sweeps.md): one record per finished "
-        "cell in DIR/results.jsonl, a tidy DIR/summary.csv, progress on stderr. Rerun the same command "
-        "after an interruption to resume."
+        "Run a grid of simulation cells from a TOML file (see docs/sweeps.md): one record per "
+        "finished cell in DIR/results.jsonl, a tidy DIR/summary.csv, progress on stderr. Rerun the "
+        "same command after an interruption to resume."
     )
     parser.add_argument("config", type=Path, help="sweep TOML file")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (required unless --dry-run)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (required unless --dry-run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the cells, compiled shapes and memory per block; run nothing")
     parser.add_argument("--force", action="store_true",
@@ -725,17 +752,18 @@ def main(args: argparse.Namespace) -> int:
                         compilation_cache=args.compilation_cache):
         stored += r.from_store
         ran += not r.from_store
-    print(f"wrote {args.out / 'summary.csv'}: {len(sweep.cells)} cells ({ran} run now, {stored} from "
-          f"earlier runs), {compile_count() - c0} kernels compiled, wall {time.perf_counter() - t0:.1f}s")
+    print(f"wrote {args.out / 'summary.csv'}: {len(sweep.cells)} cells ({ran} run now, "
+          f"{stored} from earlier runs), {compile_count() - c0} kernels compiled, "
+          f"wall {time.perf_counter() - t0:.1f}s")
     return 0
 
 
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``plot`` options."""
     parser.description = (
-        "Draw a sweep's results: variance ratio and MSE against generation, faceted by n (rows) and "
-        "d (columns), coloured by workflow, with closed-form curves where they exist. Writes "
-        "DIR/plots/*.png and *.pdf."
+        "Draw a sweep's results: variance ratio and MSE against generation, faceted by n (rows) "
+        "and d (columns), coloured by workflow, with closed-form curves where they exist. "
+        "Writes DIR/plots/*.png and *.pdf."
     )
     parser.add_argument("dir", type=Path, help="a sweep results directory")
 

@@ -304,6 +304,8 @@ def test_bad_arguments():
         limit_monte_carlo(BASE, precision=1.5)
     with pytest.raises(ValueError, match="max_draws"):
         limit_monte_carlo(BASE, precision=0.1, max_draws=10)
+    with pytest.raises(ValueError, match="workers"):
+        limit_monte_carlo(BASE, workers=0)
     with pytest.raises(ValueError, match="draws must be"):
         limit_trajectories(BASE, np.array([-1]))
     assert trace_count() == before  # rejected before anything was traced
