@@ -43,7 +43,8 @@ import sys
 
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _REEXEC_MARK = "COLLAPSE_BENCH_REMOVED_OPENBLAS_ENV"
-REPORTED_ENV = (*OPENBLAS_VARS, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
+REPORTED_ENV = (*OPENBLAS_VARS, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "XLA_FLAGS")
 
 
 def _reexec_without_openblas_env() -> None:
@@ -189,15 +190,11 @@ def environment(removed: dict) -> dict:
     }
 
 
-def _fmt_rate(x: float | None) -> str:
-    if x is None:
-        return "-"
+def _fmt_rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def _fmt_ratio(x: float | None) -> str:
-    if x is None:
-        return "-"
+def _fmt_ratio(x: float) -> str:
     return f"{x:,.0f}x" if x >= 100 else f"{x:.2f}x"
 
 
@@ -212,7 +209,8 @@ def _row_line(r: dict) -> str:
             f"{r['engine_compile_s']:>9.2f} | {_fmt_rate(r['numpy_fits_per_s']):>12} "
             f"{_fmt_ratio(r['engine_over_numpy']):>8} | {r['loop_trajectories']:>6} "
             f"{_fmt_rate(r['loop_fits_per_s']):>11} {_fmt_ratio(r['engine_over_loop']):>9} | "
-            f"{r['alive_engine']:>5.3f}/{r['alive_numpy']:<5.3f} {r['max_z_engine_vs_numpy']:>7.2f}")
+            f"{r['alive_engine']:>6.3f}/{r['alive_numpy']:<5.3f} "
+            f"{r['max_z_engine_vs_numpy']:>6.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,10 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "(default 10000; --quick 1000)")
     p.add_argument("--loop-trajectories", type=int, default=None,
                    help="trajectories for the per-trajectory loop baseline (default 10; --quick 3)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 3; --quick 1)")
-    p.add_argument("--designs", default="fresh", help="comma list of fresh,fixed (default fresh)")
-    p.add_argument("--dtypes", default="float64", help="comma list of float64,float32 (default float64)")
-    p.add_argument("--quick", action="store_true", help="1000 trajectories, 1 repeat, 3 loop trajectories")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per measurement (default 3; --quick 1)")
+    p.add_argument("--designs", default="fresh",
+                   help="comma list of fresh,fixed (default fresh)")
+    p.add_argument("--dtypes", default="float64",
+                   help="comma list of float64,float32 (default float64)")
+    p.add_argument("--quick", action="store_true",
+                   help="1000 trajectories, 1 repeat, 3 loop trajectories")
     p.add_argument("--json", type=Path, default=None, help="write the record here")
     p.add_argument("--keep-openblas-env", action="store_true",
                    help="do not remove OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE for this run")
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(removed)
     print(f"collapse_jax benchmark  n={N} d={D} G={G}  {env['cpu']}  {env['cpu_count']} cores  "
           f"numpy {env['numpy']}  jax {env['jax']}  devices {env['jax_devices']}  git {env['git']}")
-    print(f"load average at start: {env['load_average_at_start']}  (a shared machine makes rates noisy)")
+    print(f"load average at start: {env['load_average_at_start']}  "
+          "(a shared machine makes rates noisy)")
     for k in OPENBLAS_VARS:
         if k in removed:
             print(f"{k}: was {removed[k]!r} in the environment; removed for this whole run "
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k}: set to {os.environ[k]!r} (kept)")
         else:
             print(f"{k}: not set")
-    others = {k: env["env"][k] for k in REPORTED_ENV if k not in OPENBLAS_VARS and env["env"][k] is not None}
+    others = {k: v for k, v in env["env"].items() if k not in OPENBLAS_VARS and v is not None}
     print(f"other threading variables: {others or 'none set'}")
     print(f"engine: median of {repeats} call(s) minus the compile time each reports (the first "
           f"compiles); numpy: median of {repeats} call(s); calls over {REPEAT_BELOW_S:.0f} s are "
@@ -312,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(_row_line(row), flush=True)
     total = time.perf_counter() - t_all
     print()
-    print(f"total {total:.0f} s.  fits = trajectories x generations; eng/np and eng/loop are rate ratios "
-          "from this run.  alive = share of trajectories whose 50 fits all succeeded.")
+    print(f"total {total:.0f} s.  fits = trajectories x generations; eng/np and eng/loop are "
+          "rate ratios from this run.  alive = share of trajectories whose 50 fits all succeeded.")
 
     record = {
         "benchmark": "collapse_jax engine vs numpy baselines",

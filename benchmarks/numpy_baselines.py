@@ -26,7 +26,7 @@ batch).  Designs: ``fresh`` (new features every generation) or ``fixed``
 (one design per trajectory, or the shared `design_matrix`, reused).
 
 Random numbers come from numpy's PCG64, so paths differ from the engine's
-(threefry); only distributions agree.  The vectorized baseline's draws also
+(a JAX counter-based PRNG); only distributions agree.  The vectorized baseline's draws also
 depend on its block size.
 
 Both functions return `BaselineResult(thetas (R, G, d), ok (R, G))` where
@@ -103,7 +103,8 @@ def _cholesky_ok(a: np.ndarray) -> np.ndarray:
         diag = np.diagonal(chol, axis1=-2, axis2=-1)
         dmin, dmax = diag.min(-1), diag.max(-1)
         eps = np.finfo(a.dtype).eps
-        return np.isfinite(chol).all((-2, -1)) & (dmin > 0) & ((dmin / dmax) ** 2 > a.shape[-1] * eps)
+        finite = np.isfinite(chol).all((-2, -1))
+        return finite & (dmin > 0) & ((dmin / dmax) ** 2 > a.shape[-1] * eps)
 
 
 def newton_logistic(
@@ -237,7 +238,8 @@ class _Block:
         rows, cols = np.tril_indices(d, -1)
         c[:, rows, cols] = self.rng.standard_normal((self.size, rows.size), dtype=self.dtype)
         diag = np.arange(d)
-        c[:, diag, diag] = np.sqrt(self.rng.chisquare(n - diag, size=(self.size, d))).astype(self.dtype)
+        chi2 = self.rng.chisquare(n - diag, size=(self.size, d))
+        c[:, diag, diag] = np.sqrt(chi2).astype(self.dtype)
         return c if self.chol is None else self.chol.astype(self.dtype) @ c
 
 
@@ -313,10 +315,10 @@ def _block_data(config, blk: _Block, design) -> tuple[np.ndarray, np.ndarray]:
     y_sum = np.zeros((B, n), dt)
     rows = np.arange(B)[:, None]
 
-    def fit(x, y, start, weights=1.0, gram=None):
+    def fit(x, y, start, gram=None):
         if ols:
             return _batched_solve(_gram(x) if gram is None else gram, _xty(x, y))
-        res = newton_logistic(x, y, start, weights, config.max_newton_iterations)
+        res = newton_logistic(x, y, start, max_iterations=config.max_newton_iterations)
         return res.theta, res.converged
 
     for g in range(1, G + 1):
@@ -358,7 +360,8 @@ def _block_data(config, blk: _Block, design) -> tuple[np.ndarray, np.ndarray]:
     return thetas, ok
 
 
-def simulate_vectorized(config, *, design_matrix=None, block_size: int | None = None) -> BaselineResult:
+def simulate_vectorized(config, *, design_matrix=None,
+                        block_size: int | None = None) -> BaselineResult:
     """Batched numpy simulation of `config` (a `collapse_jax.SimulationConfig`).
 
     Trajectories run in blocks of `block_size` (default: memory-bounded, see

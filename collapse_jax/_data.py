@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class ModelParams(NamedTuple):
@@ -53,9 +54,33 @@ def wishart_factor(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> 
     kc, kz = jax.random.split(key)
     df = (n - jnp.arange(d)).astype(chol.dtype)
     chi2 = 2.0 * gamma_large_shape(kc, df / 2)
-    z = jax.random.normal(kz, (d, d), chol.dtype)
-    b = jnp.tril(z, -1) + jnp.diag(jnp.sqrt(chi2))
+    rows, cols = np.tril_indices(d, -1)  # draw only the d(d-1)/2 entries below the diagonal
+    z = jax.random.normal(kz, (rows.size,), chol.dtype)
+    b = jnp.diag(jnp.sqrt(chi2)).at[rows, cols].set(z)
     return b if isotropic else chol @ b
+
+
+def ols_error(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
+    """The error (X^T X)^{-1} X^T eps of one least-squares fit, drawn in O(d): shape (d,).
+
+    For X (n, d) with rows N(0, L L^T) and eps ~ N(0, I_n), the error given X
+    is N(0, (X^T X)^{-1}); for isotropic rows its law is rotation invariant
+    with squared norm z^T W^{-1} z, W ~ Wishart_d(n, I), whose (1,1) inverse
+    entry is 1 / chi^2_{n-d+1} independently of z.  Hence exactly
+
+        (X^T X)^{-1} X^T eps  =_d  L^{-T} z / sqrt(chi^2_{n-d+1}),   z ~ N(0, I_d),
+
+    a multivariate t with n - d + 1 degrees of freedom (mean 0, covariance
+    Sigma^{-1} / (n - d - 1)).  d normals and one chi-square instead of n d
+    normals or a Wishart draw.
+    """
+    d = chol.shape[0]
+    kc, kz = jax.random.split(key)
+    chi2 = 2.0 * gamma_large_shape(kc, jnp.full((1,), (n - d + 1) / 2, chol.dtype))
+    u = jax.random.normal(kz, (d,), chol.dtype) / jnp.sqrt(chi2)
+    if isotropic:
+        return u
+    return jax.scipy.linalg.solve_triangular(chol, u, lower=True, trans="T")
 
 
 def gamma_large_shape(key: jax.Array, shape_param: jax.Array) -> jax.Array:

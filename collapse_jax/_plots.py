@@ -158,8 +158,14 @@ def _draw(records, metric: str, rows: str | None, cols: str | None, title: str):
             label = ", ".join(s for s in labels if s)
             if not here:
                 ax.set_title(label, fontsize=9, color="0.5")
-                ax.text(0.5, 0.5, "no cell\n(impossible, skipped or not run yet)", ha="center",
-                        va="center", transform=ax.transAxes, fontsize=8, color="0.5")
+                where = {k: v for k, v in ((rows, rv), (cols, cv)) if k in ("n", "d")}
+                ols = all(r["config"]["model"] == "ols" for r in records)
+                if ols and len(where) == 2 and where["n"] < where["d"] + 2:
+                    why = "n < d + 2: least squares\nhas no finite variance"
+                else:
+                    why = "no cell\n(skipped or not run yet)"
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes,
+                        fontsize=8, color="0.5")
                 ax.tick_params(labelsize=8)
                 continue
             here.sort(key=lambda r: _ORDER.index(r["config"]["workflow"])

@@ -108,7 +108,7 @@ class CellResult(NamedTuple):
     cell: Cell
     rows: list[list[Any]]  # G rows, SUMMARY_COLUMNS; None where undefined (written blank)
     trajectories: int  # trajectories run (grows past `trajectories` under a precision target)
-    wall_time: float  # seconds spent on this cell, across resumes: 0 where unknown
+    wall_time: float  # seconds the run that finished this cell spent on it (after any resume)
     from_store: bool  # True: read back from results.jsonl (finished by an earlier run)
 
     def column(self, name: str) -> np.ndarray:

@@ -155,3 +155,22 @@ def test_feature_covariance_scales_ols_error():
     # theta_1 - theta0 is multivariate t with n - d + 1 = 13 dof (excess kurtosis 6/9), so the
     # sample variance has relative SE sqrt((2 + 6/9) / R) = 0.0082: 5 SE = 4.1%.
     np.testing.assert_allclose(var, expected, rtol=5 * np.sqrt((2 + 6 / 9) / cfg.trajectories))
+
+
+@pytest.mark.parametrize("workflow", ["discard", "augment"])
+def test_sufficient_statistics_match_explicit_data_beyond_variance(workflow):
+    """The O(d) / Bartlett samplers give the law of explicit data, not just its variance:
+    the fourth moment E||theta_g - theta0||^4 (heavy-tailed at small n) agrees too."""
+    # n - d + 1 = 12 degrees of freedom: the 8th moment behind the SE of the 4th is finite.
+    base = cj.SimulationConfig(model="ols", workflow=workflow, design="fresh", n=14, d=3,
+                               generations=3, trajectories=40_000, seed=12)
+    q = {}
+    for draw in ("auto", "data"):
+        paths = cj.simulate_trajectories(base.replace(draw=draw, seed=12 if draw == "auto" else 13))
+        sq = ((paths.theta - base.theta0_vector) ** 2).sum(-1)  # (R, G)
+        q[draw] = (sq.mean(0), sq.var(0, ddof=1), (sq**2).mean(0), (sq**2).var(0, ddof=1))
+    R = base.trajectories
+    for k in (0, 2):  # second and fourth moments of the error norm, each generation
+        diff = q["auto"][k] - q["data"][k]
+        se = np.sqrt((q["auto"][k + 1] + q["data"][k + 1]) / R)
+        assert np.all(np.abs(diff) < 5 * se), (k, diff / se)
