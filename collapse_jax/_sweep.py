@@ -60,6 +60,8 @@ _TOP_KEYS = OPTION_KEYS + ("grid",)
 _VECTOR_DEPTH = {"theta0": 1, "feature_cov": 2}
 # Keys that never become summary.csv columns: they do not change the numbers.
 _SILENT = ("block_size",)
+# The modules whose source fixes a cell's numbers (see `code_hash`).
+_NUMERIC_MODULES = ("_config", "_data", "_engine", "_estimators", "_statistics", "_driver")
 
 
 def _did_you_mean(key: str, allowed) -> str:
@@ -391,20 +393,36 @@ def write_summary(out: Path, sweep: SweepConfig,
 _OWNED = ("results.jsonl", "summary.csv", "sweep.json", "cells", "plots")
 
 
+def code_hash() -> str:
+    """Hash of what, besides the config, fixes the numbers: the source of the numeric
+    modules of collapse_jax and the jax and jaxlib versions."""
+    import jax
+    import jaxlib
+
+    here = Path(__file__).parent
+    h = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__}".encode())
+    for name in _NUMERIC_MODULES:
+        h.update((here / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _open_store(out: Path, sweep: SweepConfig, force: bool) -> None:
     """Check DIR against the sweep (refuse another sweep unless force); create it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     meta = out / "sweep.json"
-    h = sweep.hash()
+    h, code = sweep.hash(), code_hash()
     clash = None
     if meta.exists():
         try:
-            old = json.loads(meta.read_text()).get("hash")
-        except (json.JSONDecodeError, AttributeError):
-            old = None
-        if old != h:
-            clash = f"{out} holds a different sweep (hash {old}, this one {h})"
+            old = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("hash") != h:
+            clash = f"{out} holds a different sweep (hash {old.get('hash')}, this one {h})"
+        elif old.get("code") != code:
+            clash = (f"{out} was started by other collapse_jax code or another JAX version "
+                     f"(code hash {old.get('code')}, now {code}): resuming would mix their numbers")
     elif (out / "results.jsonl").exists() or (out / "cells").exists():
         clash = f"{out} holds sweep results without sweep.json"
     if clash:
@@ -423,6 +441,7 @@ def _open_store(out: Path, sweep: SweepConfig, force: bool) -> None:
 
         write_json(meta, {
             "hash": h,
+            "code": code,
             "sweep": sweep.to_dict(),
             "cells": [{"cell": c.index, "cell_id": c.id, "params": c.params} for c in sweep.cells],
             "skipped": [{"params": p, "reason": why} for p, why in sweep.skipped],

@@ -246,6 +246,18 @@ def test_torn_last_line_is_ignored_and_cut(small, tmp_path):
     assert (out / "summary.csv").read_text() == (small["out"] / "summary.csv").read_text()
 
 
+def test_other_code_is_refused(small, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(small["out"], out)
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["code"] == _sweep.code_hash()
+    (out / "sweep.json").write_text(json.dumps({**meta, "code": "0" * 16}))
+    with pytest.raises(ValueError, match="other collapse_jax code or another JAX version"):
+        run_sweep(small["sweep"], out)
+
+
 def test_force_replaces_another_sweep(small, tmp_path):
     import shutil
 
