@@ -27,6 +27,10 @@ from ._limit import limit_exact as limit_exact  # noqa: E402
 from ._limit import limit_monte_carlo as limit_monte_carlo  # noqa: E402
 from ._limit import limit_ratio as limit_ratio  # noqa: E402
 from ._limit import limit_trajectories as limit_trajectories  # noqa: E402
+from ._sweep import SweepConfig as SweepConfig  # noqa: E402
+from ._sweep import iter_sweep as iter_sweep  # noqa: E402
+from ._sweep import load_sweep as load_sweep  # noqa: E402
+from ._sweep import run_sweep as run_sweep  # noqa: E402
 from ._statistics import Moments as Moments  # noqa: E402
 from ._statistics import Summary as Summary  # noqa: E402
 from ._statistics import block_moments as block_moments  # noqa: E402

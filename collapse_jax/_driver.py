@@ -63,8 +63,8 @@ SUMMARY_COLUMNS = (
 )
 
 
-def default_block_size(config: SimulationConfig) -> int:
-    """Trajectories per block: a power of two with the block's arrays within ~256 MB."""
+def bytes_per_trajectory(config: SimulationConfig) -> int:
+    """Device bytes one trajectory of a block holds (float64 statistics, data, pools)."""
     n, d, G = config.n, config.d, config.generations
     item = 4 if config.dtype == "float32" else 8
     per = 8 * G * (16 * d + 4 * d + 4)  # float64 features and outputs
@@ -74,7 +74,12 @@ def default_block_size(config: SimulationConfig) -> int:
             per += 3 * item * G * n * (d + 1)  # the pool and its gathered/weighted copies
         elif config.workflow != "discard":
             per += 2 * item * G * n
-    size = max(1, (256 * 2**20) // per)
+    return per
+
+
+def default_block_size(config: SimulationConfig) -> int:
+    """Trajectories per block: a power of two with the block's arrays within ~256 MB."""
+    size = max(1, (256 * 2**20) // bytes_per_trajectory(config))
     size = min(size, 2**14, max(1, config.trajectories))
     return 1 << (size.bit_length() - 1) if size & (size - 1) else size
 

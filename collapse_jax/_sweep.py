@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._config import SimulationConfig
-from ._driver import SUMMARY_COLUMNS, default_block_size, fingerprint
+from ._driver import SUMMARY_COLUMNS, bytes_per_trajectory, default_block_size, fingerprint
 from ._io import write_csv, write_json
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SimulationConfig))
@@ -672,20 +672,6 @@ def run_sweep(
 # --------------------------------------------------------------------------
 # Dry run
 # --------------------------------------------------------------------------
-
-
-def bytes_per_trajectory(config: SimulationConfig) -> int:
-    """Device bytes one trajectory of a block holds: the model of `default_block_size`."""
-    n, d, G = config.n, config.d, config.generations
-    item = 4 if config.dtype == "float32" else 8
-    per = 8 * G * (16 * d + 4 * d + 4)
-    if not config.uses_sufficient_statistics:
-        per += item * (n * d + 3 * n)
-        if config.workflow != "discard" and config.design == "fresh":
-            per += 3 * item * G * n * (d + 1)
-        elif config.workflow != "discard":
-            per += 2 * item * G * n
-    return per
 
 
 def _mb(x: float) -> str:
