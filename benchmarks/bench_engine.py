@@ -5,10 +5,11 @@
 One process, one table.  For each case (model x workflow x design x dtype,
 n=100, d=10, G=50) it times
 
-- the engine (`collapse_jax.simulate`): the median over `--repeats` calls
-  of wall time minus the compile time each call reports (the first call
-  compiles and its compile time has its own column; the driver caches the
-  compiled program, so later calls compile nothing);
+- the engine (`collapse_jax.simulate`): the median wall time over the
+  calls (of `--repeats`) that compiled nothing; the first call compiles and
+  its compile time has its own column (the driver caches the compiled
+  program, so later calls compile nothing); when only that call ran, its
+  wall time minus its compile time;
 - the vectorized numpy baseline (`numpy_baselines.simulate_vectorized`) on
   the same configuration and trajectory count: median of `--repeats` calls;
 - the per-trajectory loop of published research code
@@ -40,26 +41,15 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-_REEXEC_MARK = "COLLAPSE_BENCH_REMOVED_OPENBLAS_ENV"
-REPORTED_ENV = (*OPENBLAS_VARS, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "XLA_FLAGS")
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))  # numpy_baselines, _openblas_env
+sys.path.insert(0, str(_HERE.parent))  # this checkout's collapse_jax
 
-
-def _reexec_without_openblas_env() -> None:
-    """Restart this command with OPENBLAS_CORETYPE/L2_SIZE removed (before numpy loads)."""
-    if "--keep-openblas-env" in sys.argv or _REEXEC_MARK in os.environ:
-        return
-    found = {k: os.environ[k] for k in OPENBLAS_VARS if k in os.environ}
-    if not found:
-        return
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_VARS}
-    env[_REEXEC_MARK] = json.dumps(found)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
+from _openblas_env import OPENBLAS_VARS, REPORTED_ENV  # noqa: E402
+from _openblas_env import REEXEC_MARK as _REEXEC_MARK  # noqa: E402
+from _openblas_env import reexec_without_openblas_env as _reexec_without_openblas_env  # noqa: E402
 
 if __name__ == "__main__":
     _reexec_without_openblas_env()
@@ -70,11 +60,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))  # numpy_baselines
-sys.path.insert(0, str(_HERE.parent))  # this checkout's collapse_jax
 
 import numpy as np  # noqa: E402
 
@@ -98,41 +83,85 @@ CASES = (
 REPEAT_BELOW_S = 5.0  # a first timed call longer than this is not repeated
 
 
+def measure_calls(fn, repeats: int, *, compile_seconds=None, min_calls: int = 1,
+                  probe=None) -> dict:
+    """Call `fn()` `repeats` times, once if its first run is long, but at least `min_calls` times.
+
+    Each call is timed in wall seconds (`time.perf_counter`) and process CPU
+    seconds (`time.process_time`, all threads of this process: on a shared
+    machine CPU / wall shows how much of the cores the call got).
+    `compile_seconds(result)` says how much of a call's wall time was
+    compilation (default 0); a first call whose remaining run time exceeds
+    REPEAT_BELOW_S is not repeated beyond `min_calls` calls (2 gives a call
+    that compiled nothing).  `probe`, if given, is a zero-argument
+    factory of a context manager entered around every call; the value it
+    yields is stored per call (used for peak memory).
+
+    Returns a dict: ``result`` (the first call's), per-call lists ``wall``,
+    ``cpu``, ``compile``, ``probe``; ``calls``; and ``run_s`` / ``run_cpu_s``:
+    the median over the calls that compiled nothing, or, when only the first
+    call ran and it compiled, its wall time minus its compile time (CPU: the
+    same subtraction, an approximation flagged by ``run_cpu_approx``).
+    """
+    walls, cpus, comps, probes = [], [], [], []
+    first = None
+    while True:
+        ctx = probe() if probe is not None else None
+        rec = ctx.__enter__() if ctx is not None else None
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = fn()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        comp = float(compile_seconds(out)) if compile_seconds is not None else 0.0
+        walls.append(wall)
+        cpus.append(cpu)
+        comps.append(comp)
+        probes.append(rec)
+        if first is None:
+            first = out
+        n = len(walls)
+        if n >= min_calls and (n >= repeats or walls[0] - comps[0] > REPEAT_BELOW_S):
+            break
+    clean = [i for i in range(len(walls)) if comps[i] == 0.0]
+    if clean:
+        run_s = statistics.median(walls[i] for i in clean)
+        run_cpu = statistics.median(cpus[i] for i in clean)
+    else:
+        run_s = walls[0] - comps[0]
+        run_cpu = max(cpus[0] - comps[0], 0.0)
+    return {"result": first, "wall": walls, "cpu": cpus, "compile": comps, "probe": probes,
+            "calls": len(walls), "run_s": run_s, "run_cpu_s": run_cpu,
+            "run_cpu_approx": not clean}
+
+
 def _median_time(fn, repeats: int) -> tuple[float, object]:
     """Median wall time of `fn()` over `repeats` calls (one if the first is long).
 
     Returns (seconds, first call's result).
     """
-    t0 = time.perf_counter()
-    first = fn()
-    times = [time.perf_counter() - t0]
-    while len(times) < repeats and times[0] <= REPEAT_BELOW_S:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), first
+    m = measure_calls(fn, repeats)
+    return m["run_s"], m["result"]
 
 
-def time_engine(cfg: collapse_jax.SimulationConfig, repeats: int) -> dict:
+def time_engine(cfg: collapse_jax.SimulationConfig, repeats: int, *, min_calls: int = 1,
+                probe=None) -> dict:
     """Engine timing with compilation excluded.
 
     The first call compiles (the driver caches the compiled block per static
-    shape) and reports its compile time, which is subtracted; further calls
-    reuse the compiled program.  Their median is the run time.
+    shape) and reports its compile time; further calls reuse the compiled
+    program.  The run time is the median over the calls that compiled
+    nothing, or the first call's wall time minus its compile time when it is
+    the only call (see `measure_calls`, which also gives CPU times and
+    `probe` values).
     """
-    calls = []  # (wall seconds, compile seconds reported by the call)
-    res = None
-    while True:
-        t0 = time.perf_counter()
-        out = collapse_jax.simulate(cfg)
-        calls.append((time.perf_counter() - t0, out.compile_time))
-        if res is None:
-            res = out
-        if len(calls) >= repeats or calls[0][0] - calls[0][1] > REPEAT_BELOW_S:
-            break
-    run_s = statistics.median(wall - comp for wall, comp in calls)
-    return {"result": res, "compile_s": calls[0][1], "first_call_s": calls[0][0], "run_s": run_s,
-            "calls": len(calls)}
+    m = measure_calls(lambda: collapse_jax.simulate(cfg), repeats,
+                      compile_seconds=lambda out: out.compile_time, min_calls=min_calls,
+                      probe=probe)
+    return {**m, "compile_s": m["compile"][0], "first_call_s": m["wall"][0],
+            "first_call_cpu_s": m["cpu"][0]}
 
 
 def _summary(cfg, baseline) -> collapse_jax.Summary:
@@ -255,8 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k}: not set")
     others = {k: v for k, v in env["env"].items() if k not in OPENBLAS_VARS and v is not None}
     print(f"other threading variables: {others or 'none set'}")
-    print(f"engine: median of {repeats} call(s) minus the compile time each reports (the first "
-          f"compiles); numpy: median of {repeats} call(s); calls over {REPEAT_BELOW_S:.0f} s are "
+    print(f"engine: median over {repeats} call(s) of those that compiled nothing (the first "
+          f"compiles; alone, it counts minus its compile time); numpy: median of {repeats} "
+          f"call(s); calls over {REPEAT_BELOW_S:.0f} s are "
           f"not repeated; loop: one call on {loop_r} trajectories")
     print()
     print(HEADER)

@@ -19,7 +19,12 @@ from ._driver import simulate_trajectories as simulate_trajectories  # noqa: E40
 from ._engine import Trajectory as Trajectory  # noqa: E402
 from ._estimators import FitResult as FitResult  # noqa: E402
 from ._estimators import least_squares as least_squares  # noqa: E402
+from ._estimators import gaussian_fit as gaussian_fit  # noqa: E402
+from ._estimators import glm_newton as glm_newton  # noqa: E402
 from ._estimators import logistic_newton as logistic_newton  # noqa: E402
+from ._estimators import poisson_newton as poisson_newton  # noqa: E402
+from ._estimators import ridge_regression as ridge_regression  # noqa: E402
+from ._estimators import sample_median as sample_median  # noqa: E402
 from ._limit import MEDIAN_EFFICIENCY as MEDIAN_EFFICIENCY  # noqa: E402
 from ._limit import LimitConfig as LimitConfig  # noqa: E402
 from ._limit import LimitResult as LimitResult  # noqa: E402

@@ -38,6 +38,7 @@ def _fail(line: str) -> int:
 
 
 def _add_simulate(sub) -> None:
+    from . import _scaling
     from ._config import DESIGNS, DTYPES, MODELS, WORKFLOWS, SimulationConfig
 
     d = SimulationConfig()
@@ -57,7 +58,10 @@ def _add_simulate(sub) -> None:
     p.add_argument("--d", type=int, default=d.d, help="number of features")
     p.add_argument("--generations", type=int, default=d.generations)
     p.add_argument("--trajectories", type=int, default=d.trajectories)
-    p.add_argument("--sigma", type=float, default=d.sigma, help="label noise sd (ols)")
+    p.add_argument("--sigma", type=float, default=d.sigma,
+                   help="label noise sd (ols, ridge); scale of the points (gaussian, median)")
+    p.add_argument("--ridge-penalty", type=float, default=d.ridge_penalty,
+                   help="lambda of --model ridge: minimises ||y - X theta||^2 + lambda ||theta||^2")
     p.add_argument("--theta0-scale", type=float, default=d.theta0_scale,
                    help="||theta0||; theta0 = scale * ones(d)/sqrt(d)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -71,18 +75,21 @@ def _add_simulate(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="overwrite an output directory that holds a different run")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _scaling.add_arguments(p)
     p.set_defaults(func=_run_simulate)
 
 
 def _run_simulate(args) -> int:
+    from . import _scaling
     from ._config import SimulationConfig
     from ._driver import simulate
 
+    processes = _scaling.options_from_args(args)
     config = SimulationConfig(
         model=args.model, workflow=args.workflow, design=args.design, n=args.n, d=args.d,
         generations=args.generations, trajectories=args.trajectories, sigma=args.sigma,
         theta0_scale=args.theta0_scale, seed=args.seed, dtype=args.dtype,
-        block_size=args.block_size, draw=args.draw,
+        block_size=args.block_size, draw=args.draw, ridge_penalty=args.ridge_penalty,
     )
     x = None
     if args.design_matrix is not None:
@@ -90,13 +97,18 @@ def _run_simulate(args) -> int:
         if not path.exists():
             raise ValueError(f"design matrix file not found: {path}")
         x = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+    _scaling.initialize(processes)  # before anything touches a JAX backend
     res = simulate(config, design_matrix=x, progress=not args.quiet, out=args.out,
-                   force=args.force)
+                   force=args.force, devices=args.devices)
+    if not _scaling.is_writer():
+        return 0
     s = res.summary
     print(f"wrote {args.out / 'summary.csv'}: variance ratio at g={config.generations}: "
           f"{s.variance_ratio[-1]:.4f} [{s.ci_low[-1]:.4f}, {s.ci_high[-1]:.4f}], "
           f"failed fits {int(res.failed_fits.sum())}, wall {res.wall_time:.1f}s "
-          f"(compile {res.compile_time:.1f}s)")
+          f"(compile {res.compile_time:.1f}s)"
+          + (f", {res.devices} devices in {res.processes} processes" if res.processes > 1
+             else f", {res.devices} devices" if res.devices > 1 else ""))
     return 0
 
 
@@ -125,6 +137,30 @@ def _add_sweep(sub) -> None:
     p.set_defaults(func=_sweep.plot_main)
 
 
+def _add_realdata(sub) -> None:
+    from . import _realdata
+
+    p = sub.add_parser(
+        "realdata",
+        help="Dey & Donoho's real-data experiments (Figures 2-5) with R trajectories per workflow",
+        allow_abbrev=False,
+    )
+    _realdata.add_arguments(p)
+    p.set_defaults(func=_realdata.main)
+
+
+def _add_universality(sub) -> None:
+    from . import _universality
+
+    p = sub.add_parser(
+        "universality",
+        help="variance ratios of every model and workflow against the Gaussian-process limit",
+        allow_abbrev=False,
+    )
+    _universality.add_arguments(p)
+    p.set_defaults(func=_universality.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="collapse-jax", description=__doc__.splitlines()[0], allow_abbrev=False)
     from . import __version__
@@ -134,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_figure1(sub)
     _add_sweep(sub)
+    _add_realdata(sub)
+    _add_universality(sub)
     return parser
 
 

@@ -12,7 +12,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-MODELS = ("ols", "logistic")
+MODELS = ("ols", "logistic", "poisson", "gaussian", "ridge", "median")
+# Models whose data are points x in R^d (no labels, no design): design="fixed" does not apply.
+POINT_MODELS = ("gaussian", "median")
 WORKFLOWS = ("discard", "augment", "subsample", "subsample-replace")
 DESIGNS = ("fresh", "fixed")
 DTYPES = ("float32", "float64")
@@ -49,8 +51,15 @@ class SimulationConfig:
     **Fields:**
 
     - `model`: ``"ols"`` (y = x.theta0 + sigma*eps, eps ~ N(0, 1), least
-      squares) or ``"logistic"`` (y ~ Bernoulli(sigmoid(x.theta0)), MLE by
-      Newton's method).
+      squares), ``"logistic"`` (y ~ Bernoulli(sigmoid(x.theta0)), MLE by
+      Newton's method), ``"poisson"`` (y ~ Poisson(exp(x.theta0)), MLE by
+      Newton's method), ``"ridge"`` (OLS labels, fitted by minimising
+      ||y - X theta||^2 + ridge_penalty ||theta||^2 over the data fitted),
+      ``"gaussian"`` (points x ~ N(mu, Sigma) in R^d, fitted by the sample
+      mean and the unbiased sample covariance; theta = (mu, vech Sigma),
+      true value mu0 = theta0, Sigma0 = sigma^2 feature_cov) or
+      ``"median"`` (points x ~ N(theta, sigma^2 feature_cov), fitted by the
+      coordinatewise sample median).  See docs/universality.md.
     - `workflow`: ``"discard"`` (fit generation g+1 on the n newest synthetic
       points), ``"augment"`` (real batch plus every synthetic batch so far),
       ``"subsample"`` (n points drawn without replacement from that pool),
@@ -62,7 +71,10 @@ class SimulationConfig:
       regenerated: Gerstgrasser et al.).
     - `n`: points per batch; `d`: features; `generations`: G >= 1 fits per
       trajectory; `trajectories`: R independent trajectories.
-    - `sigma`: label-noise standard deviation (OLS only).
+    - `sigma`: label-noise standard deviation (ols, ridge); the scale of the
+      points (gaussian, median); unused by logistic and poisson.
+    - `ridge_penalty`: lambda >= 0 of ``model="ridge"`` (a traced value:
+      changing it never recompiles); ignored by the other models.
     - `theta0`: the true parameter, length d.  Default: ``theta0_scale *
       ones(d) / sqrt(d)`` (unit norm times the scale), so the signal strength
       x.theta0 ~ N(0, theta0_scale^2) under isotropic features.
@@ -76,8 +88,10 @@ class SimulationConfig:
       memory).  Results do not depend on it beyond float64 rounding.
     - `draw`: ``"auto"`` samples the least-squares sufficient statistics
       (X^T X by Bartlett's decomposition of the Wishart law, X^T eps given
-      X^T X as a Gaussian) wherever that is exact in distribution (OLS,
-      discard and augment); ``"data"`` always draws explicit (X, y).
+      X^T X as a Gaussian) wherever that is exact in distribution (ols and
+      ridge with n >= d + 2, discard and augment), and for gaussian discard and augment
+      the batch mean and scatter matrix (N(mu, Sigma/n) and, independently,
+      Wishart_d(n - 1, Sigma)); ``"data"`` always draws explicit data.
     - `max_newton_iterations`: cap on Newton steps per logistic fit.
     - `prng`: JAX PRNG implementation of the typed keys: ``"philox4x32"``
       (default; Random123's Philox-4x32-10, counter based, measured here
@@ -95,6 +109,7 @@ class SimulationConfig:
     generations: int = 50
     trajectories: int = 10_000
     sigma: float = 1.0
+    ridge_penalty: float = 1.0
     theta0: tuple[float, ...] | None = None
     theta0_scale: float = 1.0
     feature_cov: tuple[tuple[float, ...], ...] | None = None
@@ -124,9 +139,29 @@ class SimulationConfig:
             )
         if self.model == "logistic" and self.n <= self.d:
             raise ValueError(f"logistic regression needs n > d, got n={self.n}, d={self.d}")
+        if self.model == "poisson" and self.n <= self.d:
+            raise ValueError(f"poisson regression needs n > d, got n={self.n}, d={self.d}")
+        if self.model == "gaussian" and self.n < self.d + 2:
+            raise ValueError(
+                f"gaussian fitting needs n >= d + 2 (a nonsingular sample covariance whose scatter "
+                f"matrix has a Bartlett factor), got n={self.n}, d={self.d}"
+            )
+        if self.model in POINT_MODELS and self.design != "fresh":
+            raise ValueError(
+                f"model {self.model!r} fits points x in R^d with no features, so design="
+                f"{self.design!r} does not apply; use design='fresh'"
+            )
         sigma = _finite("sigma", self.sigma)
         if sigma <= 0:
             raise ValueError(f"sigma must be positive, got {self.sigma!r}")
+        penalty = _finite("ridge_penalty", self.ridge_penalty)
+        if penalty < 0:
+            raise ValueError(f"ridge_penalty must be >= 0, got {self.ridge_penalty!r}")
+        if self.model == "ridge" and penalty == 0 and self.n < self.d + 2:
+            raise ValueError(
+                f"ridge with ridge_penalty=0 is least squares, which needs n >= d + 2, "
+                f"got n={self.n}, d={self.d}"
+            )
         _finite("theta0_scale", self.theta0_scale)
         if self.theta0 is not None:
             t = tuple(_finite("theta0", v) for v in self.theta0)
@@ -155,9 +190,38 @@ class SimulationConfig:
         return np.full(self.d, self.theta0_scale / math.sqrt(self.d))
 
     @property
+    def parameter_dim(self) -> int:
+        """p, the length of the fitted parameter vector: d + d(d+1)/2 for gaussian, else d."""
+        return self.d + self.d * (self.d + 1) // 2 if self.model == "gaussian" else self.d
+
+    @property
+    def parameter_vector(self):
+        """The true parameter as a float64 numpy array of shape (p,).
+
+        theta0 for every model but gaussian, where it is (mu0, vech Sigma0):
+        mu0 = theta0 and Sigma0 = sigma^2 feature_cov, vech the lower
+        triangle row by row (entries (i, j), i >= j, in ``numpy.tril_indices``
+        order).
+        """
+        import numpy as np
+
+        theta0 = self.theta0_vector
+        if self.model != "gaussian":
+            return theta0
+        cov = np.eye(self.d) if self.feature_cov is None else np.asarray(self.feature_cov, np.float64)
+        return np.concatenate([theta0, self.sigma**2 * cov[np.tril_indices(self.d)]])
+
+    @property
     def uses_sufficient_statistics(self) -> bool:
-        """Whether the OLS sufficient-statistic sampler is used (see `draw`)."""
-        return self.draw == "auto" and self.model == "ols" and self.workflow in ("discard", "augment")
+        """Whether a sufficient-statistic sampler is used (see `draw`).
+
+        Ridge with n < d + 2 (allowed for a positive penalty) draws explicit
+        data: the Bartlett factor needs n >= d + 1 and a nonsingular X^T X.
+        """
+        if self.model == "ridge" and self.n < self.d + 2:
+            return False
+        return (self.draw == "auto" and self.model in ("ols", "ridge", "gaussian")
+                and self.workflow in ("discard", "augment"))
 
     def replace(self, **changes: Any) -> SimulationConfig:
         """A copy with some fields changed (validated again)."""

@@ -20,10 +20,11 @@ import numpy as np
 class ModelParams(NamedTuple):
     """Traced (non-shape) parameters of a simulation; changing them never recompiles."""
 
-    theta0: jax.Array  # shape=(d,): the true parameter.
-    sigma: jax.Array  # shape=(): label-noise sd (OLS).
+    theta0: jax.Array  # shape=(p,): the true parameter (p = d but for gaussian, see _models).
+    sigma: jax.Array  # shape=(): label-noise sd (ols, ridge); point scale (gaussian, median).
     feature_chol: jax.Array  # shape=(d, d): lower Cholesky factor L of Sigma.
     design_matrix: jax.Array  # shape=(n, d) user design for design="fixed", else shape (0, d).
+    ridge_penalty: jax.Array | float = 0.0  # shape=(): lambda of model="ridge".
 
 
 def sample_features(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:

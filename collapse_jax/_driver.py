@@ -4,6 +4,9 @@
 blocks, merges each block's float64 moment sums on the host in block order,
 prints a progress line per block, and (with ``out=DIR``) keeps an atomic
 checkpoint so that a killed run resumes to exactly the same final numbers.
+With several devices (or processes, `jax.distributed`) D consecutive blocks
+run at once, one per device, and are merged in the same block order
+(`_scaling`, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from ._config import SimulationConfig
 from ._data import ModelParams
 from ._engine import BlockResult, StaticSpec, Trajectory, build_block, build_trajectories
 from ._io import atomic_write_bytes, environment, write_csv, write_json
-from ._statistics import Moments, Summary, merge_moments, summarize, zero_moments
+from ._models import metric_names
+from ._scaling import Layout
+from ._statistics import (
+    MetricSummary,
+    Moments,
+    Summary,
+    merge_moments,
+    summarize,
+    summarize_metrics,
+    zero_moments,
+)
 
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_SECONDS: dict[tuple, float] = {}
@@ -45,6 +58,9 @@ class SimulationResult(NamedTuple):
     wall_time: float  # seconds, this call, including compilation.
     compile_time: float  # seconds spent compiling in this call.
     block_size: int
+    devices: int = 1  # devices that ran blocks (all processes together).
+    processes: int = 1  # JAX processes (jax.distributed) that took part.
+    metrics: MetricSummary | None = None  # the model's per-generation metrics (metrics.csv).
 
     def rows(self) -> list[list[Any]]:
         """`summary.csv` rows (see `SUMMARY_COLUMNS`)."""
@@ -61,13 +77,15 @@ SUMMARY_COLUMNS = (
     "generation", "trajectories", "variance_ratio", "ci_low", "ci_high", "variance_ratio_se",
     "mse", "mse_se", "failed_fits", "newton_iterations",
 )
+METRICS_COLUMNS = ("generation", "metric", "trajectories", "mean", "se", "ci_low", "ci_high")
 
 
 def bytes_per_trajectory(config: SimulationConfig) -> int:
     """Device bytes one trajectory of a block holds (float64 statistics, data, pools)."""
     n, d, G = config.n, config.d, config.generations
     item = 4 if config.dtype == "float32" else 8
-    per = 8 * G * (16 * d + 4 * d + 4)  # float64 features and outputs
+    p = config.parameter_dim
+    per = 8 * G * (16 * p + 4 * p + 4)  # float64 features and outputs
     if not config.uses_sufficient_statistics:
         per += item * (n * d + 3 * n)  # one batch of data
         if config.workflow != "discard" and config.design == "fresh":
@@ -90,10 +108,11 @@ def _params(config: SimulationConfig, design_matrix) -> ModelParams:
             else np.eye(config.d))
     x = np.zeros((0, config.d)) if design_matrix is None else design_matrix
     return ModelParams(
-        theta0=jnp.asarray(config.theta0_vector, dt),
+        theta0=jnp.asarray(config.parameter_vector, dt),
         sigma=jnp.asarray(config.sigma, dt),
         feature_chol=jnp.asarray(chol, dt),
         design_matrix=jnp.asarray(x, dt),
+        ridge_penalty=jnp.asarray(config.ridge_penalty, dt),
     )
 
 
@@ -117,15 +136,50 @@ def _spec(config: SimulationConfig, design_matrix) -> StaticSpec:
     return StaticSpec.from_config(config, b, design_matrix is not None)
 
 
-def _compiled_block(spec: StaticSpec, params: ModelParams):
-    key = ("block", spec)
+def _compiled_block(spec: StaticSpec, params: ModelParams, layout: Layout | None = None):
+    """The AOT-compiled block kernel: one device, or D blocks at once over `layout`'s mesh."""
+    from . import _scaling
+
+    sharded = layout is not None and layout.size > 1
+    key = ("sharded", spec, layout.devices) if sharded else ("block", spec)
     if key not in _COMPILED:
         t0 = time.perf_counter()
-        fn = jax.jit(build_block(spec))
-        args = (jnp.asarray(0, jnp.int64), jnp.asarray(0, jnp.int64), jnp.asarray(1, jnp.int64), params)
-        _COMPILED[key] = fn.lower(*args).compile()
+        scalars = (jnp.asarray(0, jnp.int64), jnp.asarray(0, jnp.int64), jnp.asarray(1, jnp.int64))
+        if sharded:
+            mesh = layout.mesh
+            fn = _scaling.shard_blocks(build_block(spec), mesh, spec.block_size)
+            args = _scaling.abstract((*scalars, params), mesh)
+            _COMPILED[key] = _scaling.compile_sharded(fn, args, layout.devices)
+        else:
+            _COMPILED[key] = jax.jit(build_block(spec)).lower(*scalars, params).compile()
         _COMPILE_SECONDS[key] = time.perf_counter() - t0
     return _COMPILED[key], key
+
+
+def _block_runner(spec: StaticSpec, params: ModelParams, layout: Layout, seed: int, total: int):
+    """``run(b) -> [BlockResult (numpy)] * D`` for blocks b .. b + D - 1, and the compile key."""
+    from . import _scaling
+
+    compiled, key = _compiled_block(spec, params, layout)
+    i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    if layout.size == 1:
+        seed_a, total_a = jnp.asarray(seed, jnp.int64), jnp.asarray(total, jnp.int64)
+
+        def run(b: int) -> list[BlockResult]:
+            res = compiled(seed_a, jnp.asarray(b * spec.block_size, jnp.int64), total_a, params)
+            return [jax.device_get(res)]
+
+        return run, key
+    mesh = layout.mesh
+    seed_a, total_a, params_r = _scaling.replicated((i64(seed), i64(total), params), mesh)
+    shapes = jax.eval_shape(build_block(spec), i64(seed), i64(0), i64(total), params)
+
+    def run(b: int) -> list[BlockResult]:
+        start = _scaling.replicated(i64(b * spec.block_size), mesh)
+        packed = _scaling.gather(compiled(seed_a, start, total_a, params_r))  # (D, K)
+        return [_scaling.unpack(row, shapes) for row in packed]
+
+    return run, key
 
 
 def fingerprint(config: SimulationConfig, design_matrix=None) -> str:
@@ -146,16 +200,42 @@ def _load_checkpoint(path: Path, fp: str, force: bool):
             raise ValueError(f"{path.parent} holds a run of a different configuration; "
                              "choose another output directory or pass force=True (--force)")
         m = Moments(z["count"], z["sum"], z["outer"])
-        return int(z["blocks_done"]), m, z["failed"], z["iterations"]
+        return int(z["blocks_done"]), m, z["failed"], z["iterations"], z["metrics"]
 
 
-def _save_checkpoint(path: Path, fp: str, blocks_done: int, m: Moments, failed, iterations) -> None:
+def _save_checkpoint(path: Path, fp: str, blocks_done: int, m: Moments, failed, iterations,
+                     metrics) -> None:
     import io
 
     buf = io.BytesIO()
     np.savez(buf, fingerprint=fp, blocks_done=blocks_done, count=m.count, sum=m.sum, outer=m.outer,
-             failed=failed, iterations=iterations)
+             failed=failed, iterations=iterations, metrics=metrics)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _resume(ckpt: Path | None, fp: str, force: bool, layout: Layout, G: int, d: int, k: int = 0):
+    """(blocks done, Moments, failed, iterations, metric sums) to start from (d: parameter length).
+
+    Process 0 reads the checkpoint (only it writes one); every other process
+    gets an exact copy, or the refusal of a foreign checkpoint as its error.
+    """
+    from . import _scaling
+
+    fresh = (0, zero_moments(G, d), np.zeros(G), np.zeros(G), np.zeros((G, 2, k)))
+    if ckpt is None:
+        return fresh
+    if layout.processes == 1:
+        return _load_checkpoint(ckpt, fp, force) or fresh
+    loaded, error = None, None
+    if _scaling.is_writer():
+        try:
+            loaded = _load_checkpoint(ckpt, fp, force)
+        except ValueError as e:
+            error = str(e)
+    _scaling.agree(error, 0, "")
+    first, m, f, it, met = loaded or fresh  # the block count travels as an (exact) float64
+    first, m, f, it, met = _scaling.from_writer((np.float64(first), m, f, it, met))
+    return int(first), Moments(*m), f, it, met
 
 
 def _progress_line(done: int, total: int, rate: float, s: Summary) -> str:
@@ -172,6 +252,7 @@ def simulate(
     progress: bool | Callable[[str], None] = False,
     out: str | Path | None = None,
     force: bool = False,
+    devices: int | None = None,
 ) -> SimulationResult:
     """Run ``config.trajectories`` trajectories and summarise them per generation.
 
@@ -187,52 +268,62 @@ def simulate(
       resumable checkpoint (`checkpoint.npz`, rewritten atomically after every
       block; rerunning the same config resumes from it; a different config
       is refused unless `force`, which starts afresh).
+    - `devices`: devices per process that run blocks at once (default: every
+      local device; a single process uses at most one per block).  Not part
+      of the results: a checkpoint written with one count resumes with any
+      other.  Under `jax.distributed` every process calls `simulate` with the
+      same arguments; all return the result, only process 0 writes `out`.
 
     **Returns:** `SimulationResult`.
 
     Deterministic: the same config (and design) gives the same numbers for
     any block size up to float64 rounding of the merged sums (~1e-15
-    relative), and bitwise-identical per-trajectory thetas.  Excluded
+    relative), and bitwise-identical per-trajectory thetas.  For a given
+    block size the merged sums do not depend on `devices` or the process
+    count beyond what the backend guarantees (bitwise on CPU; see
+    docs/scaling.md).  Excluded
     trajectories: at generation g only trajectories whose fits 1..g all
     succeeded count; failures are reported in `failed_fits`.
     """
+    from . import _scaling
+
+    _scaling.check_devices(devices)
     x = _check_design(config, design_matrix)
     spec = _spec(config, x)
     params = _params(config, x)
-    G, d, R, B = config.generations, config.d, config.trajectories, spec.block_size
+    G, p, R, B = config.generations, config.parameter_dim, config.trajectories, spec.block_size
+    names = metric_names(config.model)
     n_blocks = math.ceil(R / B)
+    fp = fingerprint(config, x)
+    i64 = np.int64
+    layout = _scaling.layout(devices, n_blocks, fp, lambda: _scaling.splitting_lapack_calls(
+        jax.jit(build_block(spec)).lower(i64(0), i64(0), i64(R), params)))
+    D, writer = layout.size, _scaling.is_writer()
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress is True else (progress or None)
+    say = say if writer else None
+
+    ckpt = Path(out) / "checkpoint.npz" if out is not None else None
+    first, moments, failed, iterations, metrics = _resume(ckpt, fp, force, layout, G, p, len(names))
+    if say and first:
+        say(f"[collapse-jax] resuming after block {first}/{n_blocks}")
 
     t_start = time.perf_counter()
-    compiled, ckey = _compiled_block(spec, params)
+    run, ckey = _block_runner(spec, params, layout, config.seed, R)
     compile_time = _COMPILE_SECONDS.pop(ckey, 0.0)
-    fp = fingerprint(config, x)
-
-    moments = zero_moments(G, d)
-    failed = np.zeros(G)
-    iterations = np.zeros(G)
-    first = 0
-    ckpt = Path(out) / "checkpoint.npz" if out is not None else None
-    if ckpt is not None:
-        loaded = _load_checkpoint(ckpt, fp, force)
-        if loaded is not None:
-            first, moments, failed, iterations = loaded
-            if say and first:
-                say(f"[collapse-jax] resuming after block {first}/{n_blocks}")
-
-    seed = jnp.asarray(config.seed, jnp.int64)
-    total = jnp.asarray(R, jnp.int64)
     t_run = time.perf_counter()
-    for b in range(first, n_blocks):
-        res: BlockResult = compiled(seed, jnp.asarray(b * B, jnp.int64), total, params)
-        res = jax.device_get(res)
-        moments = merge_moments(moments, res.moments)
-        failed = failed + res.failed
-        iterations = iterations + res.iterations
-        if ckpt is not None:
-            _save_checkpoint(ckpt, fp, b + 1, moments, failed, iterations)
+    for b0 in range(first, n_blocks, D):
+        # Blocks b0 .. b0 + D - 1 ran at once; merge them one by one in block order,
+        # exactly the additions of a one-device run (blocks >= n_blocks are padding).
+        for res in run(b0)[: n_blocks - b0]:
+            moments = merge_moments(moments, res.moments)
+            failed = failed + res.failed
+            iterations = iterations + res.iterations
+            metrics = metrics + res.metrics
+        done_blocks = min(b0 + D, n_blocks)
+        if ckpt is not None and writer:
+            _save_checkpoint(ckpt, fp, done_blocks, moments, failed, iterations, metrics)
         if say:
-            done = min((b + 1) * B, R)
+            done = min(done_blocks * B, R)
             rate = (done - first * B) / max(time.perf_counter() - t_run, 1e-9)
             say(_progress_line(done, R, rate, summarize(moments)))
 
@@ -248,17 +339,30 @@ def simulate(
         wall_time=time.perf_counter() - t_start,
         compile_time=compile_time,
         block_size=B,
+        devices=D,
+        processes=layout.processes,
+        metrics=summarize_metrics(names, summary.count, metrics),
     )
-    if out is not None:
-        write_outputs(result, Path(out), fp)
+    if out is not None and writer:
+        write_outputs(result, Path(out), fp, layout)
     return result
 
 
-def write_outputs(result: SimulationResult, out: Path, fp: str) -> None:
-    """`summary.csv`, `coordinates.csv` and `run.json` in `out` (atomic writes)."""
+def write_outputs(result: SimulationResult, out: Path, fp: str,
+                  layout: Layout | None = None) -> None:
+    """`summary.csv`, `coordinates.csv`, `metrics.csv` (models with metrics) and `run.json`
+    in `out` (atomic writes)."""
     s = result.summary
     write_csv(out / "summary.csv", SUMMARY_COLUMNS, result.rows())
     from ._statistics import Z95
+
+    met = result.metrics
+    if met is not None and met.names:
+        write_csv(out / "metrics.csv", METRICS_COLUMNS, [
+            [g + 1, name, int(met.count[g]), float(met.mean[g, j]), float(met.se[g, j]),
+             float(met.ci_low[g, j]), float(met.ci_high[g, j])]
+            for g in range(len(met.count)) for j, name in enumerate(met.names)
+        ])
 
     coord_rows = [
         [g + 1, j, float(s.coord_ratio[g, j]), float(s.coord_ratio[g, j] - Z95 * s.coord_ratio_se[g, j]),
@@ -276,6 +380,8 @@ def write_outputs(result: SimulationResult, out: Path, fp: str) -> None:
         "wall_time_s": result.wall_time,
         "compile_time_s": result.compile_time,
         "block_size": result.block_size,
+        "scaling": (layout.record() if layout is not None else
+                    {"processes": result.processes, "devices": result.devices}),
         "columns": {
             "variance_ratio": "trace ratio tr Cov(theta_g) / tr Cov(theta_1); per-coordinate ratios "
                               "are in coordinates.csv",
@@ -283,6 +389,10 @@ def write_outputs(result: SimulationResult, out: Path, fp: str) -> None:
             "mse": "mean of ||theta_g - theta0||^2 over trajectories (test MSE for isotropic features)",
             "failed_fits": "fits that failed at generation g; those trajectories are excluded from g on",
             "newton_iterations": "mean Newton steps per fit (0 for least squares)",
+            "metrics.csv": "per-generation means of the model's metrics (gaussian: "
+                           "||mu_g - mu0||^2, tr and det of Sigma_g relative to Sigma0, W2^2 "
+                           "to the true law), with standard errors and 95% intervals; see "
+                           "docs/universality.md",
         },
     })
 
@@ -292,20 +402,50 @@ def simulate_trajectories(
     indices: np.ndarray | None = None,
     *,
     design_matrix: np.ndarray | None = None,
+    devices: int | None = None,
 ) -> Trajectory:
     """Per-trajectory paths (numpy) for the given global indices (default all).
 
     Identical, bit for bit, to the trajectories `simulate` reduces, whatever
-    the block size.  Shapes: theta (B, G, d); flags (B, G).
+    the block size.  Shapes: theta (B, G, d); flags (B, G).  `devices` as in
+    `simulate`: the indices are split over that many devices per process
+    (same paths, bit for bit); under `jax.distributed` every process passes
+    the same indices and gets every path.
     """
+    from . import _scaling
+
+    _scaling.check_devices(devices)
     x = _check_design(config, design_matrix)
     if indices is None:
         indices = np.arange(config.trajectories)
     indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be one-dimensional, got shape {indices.shape}")
     spec = _spec(config, x)
     params = _params(config, x)
-    key = ("paths", spec, indices.shape)
+    token = fingerprint(config, x) + hashlib.sha256(indices.tobytes()).hexdigest()
+    seed = np.int64(config.seed)
+    layout = _scaling.layout(devices, max(1, len(indices)), token, lambda: (
+        _scaling.splitting_lapack_calls(jax.jit(build_trajectories(spec)).lower(
+            seed, indices, params))))
+    if layout.size == 1:
+        key = ("paths", spec, indices.shape)
+        if key not in _COMPILED:
+            _COMPILED[key] = jax.jit(build_trajectories(spec))
+        out = _COMPILED[key](jnp.asarray(seed), jnp.asarray(indices), params)
+        return Trajectory(*jax.device_get(out))
+    # Pad to a multiple of D with index 0 (computed, then dropped): fixed shapes per device.
+    D = layout.size
+    padded = np.zeros(-(-len(indices) // D) * D, np.int64)
+    padded[: len(indices)] = indices
+    mesh = layout.mesh
+    key = ("paths", spec, padded.shape, layout.devices)
+    seed_a, params_r = _scaling.replicated((seed, params), mesh)
+    idx = _scaling.split(padded, mesh)
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(build_trajectories(spec))
-    out = _COMPILED[key](jnp.asarray(config.seed, jnp.int64), jnp.asarray(indices), params)
-    return Trajectory(*jax.device_get(out))
+        fn = _scaling.shard_paths(build_trajectories(spec), mesh)
+        args = (_scaling.abstract(seed, mesh), _scaling.abstract(padded, mesh, split=True),
+                _scaling.abstract(params, mesh))
+        _COMPILED[key] = _scaling.compile_sharded(fn, args, layout.devices)
+    out = _scaling.gather(_COMPILED[key](seed_a, idx, params_r))
+    return Trajectory(*(np.asarray(a)[: len(indices)] for a in out))

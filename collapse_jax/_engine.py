@@ -18,14 +18,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _models
 from ._config import SimulationConfig
-from ._data import ModelParams, ols_error, sample_features, sample_labels, wishart_factor
+from ._data import ModelParams, ols_error, sample_features, wishart_factor
 from ._estimators import (
     FitResult,
-    least_squares,
-    logistic_newton,
+    gaussian_from_scatter,
+    merge_scatter,
+    order_keys,
+    pooled_median,
     solve_normal_equations,
     triangular_solve_transposed,
+    unvech,
     _cholesky_ok,
 )
 from ._statistics import Moments, block_moments
@@ -74,7 +78,7 @@ class StaticSpec:
 
 
 class Trajectory(NamedTuple):
-    theta: jax.Array  # shape=(..., G, d): theta_g (the previous value after a failed fit).
+    theta: jax.Array  # shape=(..., G, p): theta_g (the previous value after a failed fit).
     converged: jax.Array  # shape=(..., G), bool: the fit at generation g succeeded.
     alive: jax.Array  # shape=(..., G), bool: every fit up to and including g succeeded.
     iterations: jax.Array  # shape=(..., G), int32: Newton steps (0 for least squares).
@@ -84,6 +88,9 @@ class BlockResult(NamedTuple):
     moments: Moments  # float64 moment sums over trajectories alive at each generation.
     failed: jax.Array  # shape=(G,), float64: fits that failed at g (trajectory alive before g).
     iterations: jax.Array  # shape=(G,), float64: sum of Newton steps over trajectories alive at g.
+    # shape=(G, 2, k), float64: sums and sums of squares, over the trajectories alive at g,
+    # of the model's k per-generation metrics (`_models.metric_names`; k = 0 for most models).
+    metrics: jax.Array
 
 
 def _fixed_design(spec: StaticSpec, key, params: ModelParams):
@@ -110,15 +117,19 @@ def build_trajectory(spec: StaticSpec):
     n, d, G = spec.n, spec.d, spec.generations
     dtype = jnp.dtype(spec.dtype)
     steps = jnp.arange(1, G + 1)
+    points = _models.is_point_model(spec.model)
+    ridge = spec.model == "ridge"
 
-    def fit(x, y, w, theta_prev) -> FitResult:
-        if spec.model == "ols":
-            return least_squares(x, y, w, fallback=theta_prev)
-        return logistic_newton(x, y, w, theta_prev, spec.max_newton_iterations)
+    def fit(x, y, w, theta_prev, params) -> FitResult:
+        return _models.fit(spec.model, params, x, y, w, theta_prev, spec.max_newton_iterations)
 
     def run(key, params: ModelParams) -> Trajectory:
         theta0 = params.theta0
         sigma = params.sigma
+        eye = jnp.eye(d, dtype=dtype)
+
+        if spec.sufficient_statistics and spec.model == "gaussian":
+            return _gaussian_sufficient(spec, key, params)
 
         if spec.sufficient_statistics:
             fresh = spec.design == "fresh"
@@ -127,12 +138,30 @@ def build_trajectory(spec: StaticSpec):
                 # One batch's OLS error is sigma C^{-T} z: precompute C^{-T} once per trajectory.
                 ct_inv = triangular_solve_transposed(c_fixed, jnp.eye(d, dtype=dtype))
                 design_ok = _cholesky_ok(c_fixed)
+                gram_fixed = c_fixed @ c_fixed.T
 
             def body(carry, g):
                 theta_prev, alive, a_sum, b_sum = carry
                 kx, kz = jax.random.split(jax.random.fold_in(key, g))
                 zero = jnp.zeros((), jnp.int32)
-                if fresh and spec.workflow == "discard":
+                if ridge:
+                    # Ridge is linear in (X^T X, X^T y): the same exact draws,
+                    # X^T y = C C^T theta + sigma C z.
+                    if fresh:
+                        c = wishart_factor(kx, n, params.feature_chol, spec.isotropic)
+                        gram = c @ c.T
+                    else:
+                        c, gram = c_fixed, gram_fixed
+                    z = jax.random.normal(kz, (d,), dtype)
+                    b = gram @ theta_prev + sigma * (c @ z)
+                    penalty = params.ridge_penalty * eye
+                    if spec.workflow == "discard":
+                        res = solve_normal_equations(gram + penalty, b, theta_prev)
+                    else:
+                        a_sum = a_sum + gram
+                        b_sum = b_sum + b
+                        res = solve_normal_equations(a_sum + penalty, b_sum, theta_prev)
+                elif fresh and spec.workflow == "discard":
                     theta = theta_prev + sigma * ols_error(kx, n, params.feature_chol, spec.isotropic)
                     ok = jnp.all(jnp.isfinite(theta))
                     res = FitResult(jnp.where(ok, theta, theta_prev), zero, ok)
@@ -164,39 +193,66 @@ def build_trajectory(spec: StaticSpec):
         fresh = spec.design == "fresh"
         x_fixed = None if fresh else _fixed_design(spec, key, params)
         use_pool = spec.workflow in ("subsample", "subsample-replace") or (
-            spec.workflow == "augment" and spec.model == "logistic" and fresh
+            spec.workflow == "augment" and spec.model in ("logistic", "poisson") and fresh
         )
         pool_x = jnp.zeros((G, n, d), dtype) if (use_pool and fresh) else jnp.zeros((0,), dtype)
-        pool_y = jnp.zeros((G, n), dtype) if use_pool else jnp.zeros((0,), dtype)
+        pool_y = jnp.zeros((G, n), dtype) if (use_pool and not points) else jnp.zeros((0,), dtype)
         a_sum = jnp.zeros((d, d), dtype)
         b_sum = jnp.zeros((d,), dtype)
         y_sum = jnp.zeros((n,), dtype)
+        # Median augment: every batch's sorted order keys; unused batches hold the largest key.
+        median_pool = spec.model == "median" and spec.workflow == "augment"
+        key_pool = jnp.zeros((0,), jnp.uint8)
+        if median_pool:
+            kdt = order_keys(jnp.zeros((), dtype)).dtype
+            key_pool = jnp.full((G, n, d), jnp.iinfo(kdt).max, kdt)
 
         def body(carry, g):
-            theta_prev, alive, pool_x, pool_y, a_sum, b_sum, y_sum = carry
+            theta_prev, alive, pool_x, pool_y, a_sum, b_sum, y_sum, key_pool = carry
             kx, ky, ks = jax.random.split(jax.random.fold_in(key, g), 3)
-            x = sample_features(kx, n, params.feature_chol, spec.isotropic) if fresh else x_fixed
-            y = sample_labels(ky, spec.model, x, theta_prev, sigma)
+            if points:
+                x = _models.sample_points(kx, spec.model, n, theta_prev, params, spec.isotropic)
+                y = None
+            else:
+                x = sample_features(kx, n, params.feature_chol, spec.isotropic) if fresh else x_fixed
+                y = _models.sample_labels(ky, spec.model, x, theta_prev, params)
             ones = jnp.ones((n,), dtype)
             if spec.workflow == "discard":
-                res = fit(x, y, ones, theta_prev)
-            elif spec.workflow == "augment" and spec.model == "ols":
+                res = fit(x, y, None if points else ones, theta_prev, params)
+            elif spec.workflow == "augment" and spec.model in ("ols", "ridge"):
                 xw = x.T
                 a_sum = a_sum + xw @ x
                 b_sum = b_sum + xw @ y
-                res = solve_normal_equations(a_sum, b_sum, theta_prev)
+                a = a_sum + params.ridge_penalty * eye if ridge else a_sum
+                res = solve_normal_equations(a, b_sum, theta_prev)
+            elif spec.workflow == "augment" and spec.model == "gaussian":
+                # Pooled mean and scatter (b_sum, a_sum) of the (g - 1) n earlier points,
+                # then this batch's.
+                mean = jnp.mean(x, axis=0)
+                xc = x - mean[None, :]
+                gf = g.astype(dtype)
+                _, b_sum, a_sum = merge_scatter((gf - 1) * n, b_sum, a_sum, n, mean, xc.T @ xc)
+                res = gaussian_from_scatter(b_sum, a_sum, gf * n, theta_prev)
+            elif median_pool:
+                key_pool = key_pool.at[g - 1].set(jnp.sort(order_keys(x), axis=0))
+                med = pooled_median(key_pool, g * n, dtype)
+                ok = jnp.all(jnp.isfinite(med))
+                res = FitResult(jnp.where(ok, med, theta_prev), jnp.zeros((), jnp.int32), ok)
             elif spec.workflow == "augment" and not fresh:
-                # Logistic, fixed design: g copies of X with label sums s -> weights g, targets s/g.
+                # Logistic/Poisson, fixed design: the log-likelihood is linear in y, so g copies
+                # of X with label sums s -> weights g, targets s/g.
                 y_sum = y_sum + y
                 gf = g.astype(dtype)
-                res = fit(x, y_sum / gf, gf * ones, theta_prev)
+                res = fit(x, y_sum / gf, gf * ones, theta_prev, params)
             else:
-                pool_y = pool_y.at[g - 1].set(y)
+                if not points:
+                    pool_y = pool_y.at[g - 1].set(y)
                 if fresh:
                     pool_x = pool_x.at[g - 1].set(x)
                 if spec.workflow == "augment":
                     mask = jnp.repeat((jnp.arange(G) < g).astype(dtype), n)
-                    res = fit(pool_x.reshape(G * n, d), pool_y.reshape(G * n), mask, theta_prev)
+                    xs, ys = pool_x.reshape(G * n, d), pool_y.reshape(G * n)
+                    res = fit(xs, ys, mask, theta_prev, params)
                 else:
                     size = g * n
                     if spec.workflow == "subsample":
@@ -204,18 +260,56 @@ def build_trajectory(spec: StaticSpec):
                     else:
                         idx = jax.random.randint(ks, (n,), 0, size)
                     idx = jnp.where(g == 1, jnp.arange(n), idx)  # generation 1: the real batch
-                    ys = pool_y.reshape(G * n)[idx]
+                    ys = None if points else pool_y.reshape(G * n)[idx]
                     xs = pool_x.reshape(G * n, d)[idx] if fresh else x_fixed[idx % n]
-                    res = fit(xs, ys, ones, theta_prev)
+                    res = fit(xs, ys, None if points else ones, theta_prev, params)
             alive = alive & res.converged
-            carry = (res.theta, alive, pool_x, pool_y, a_sum, b_sum, y_sum)
+            carry = (res.theta, alive, pool_x, pool_y, a_sum, b_sum, y_sum, key_pool)
             return carry, (res.theta, res.converged, alive, res.iterations)
 
-        init = (theta0, jnp.ones((), bool), pool_x, pool_y, a_sum, b_sum, y_sum)
+        init = (theta0, jnp.ones((), bool), pool_x, pool_y, a_sum, b_sum, y_sum, key_pool)
         _, out = jax.lax.scan(body, init, steps)
         return Trajectory(*out)
 
     return run
+
+
+def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajectory:
+    """Gaussian fitting, discard or augment, from exactly drawn batch statistics.
+
+    A batch of n points from N(mu, Sigma) has mean ~ N(mu, Sigma / n) and,
+    independently, scatter matrix sum (x_i - mean)(x_i - mean)^T ~
+    Wishart_d(n - 1, Sigma), drawn as C C^T with C = `wishart_factor` (Bartlett):
+    d(d+1)/2 + d draws per generation, whatever n.  Generation g uses
+    ``kx, kz = split(fold_in(key, g))`` (kx: the scatter, kz: the mean).
+    Augment pools the batches' (count, mean, scatter) with `merge_scatter`.
+    """
+    n, d, G = spec.n, spec.d, spec.generations
+    dtype = jnp.dtype(spec.dtype)
+
+    def body(carry, g):
+        theta_prev, alive, mean_pool, scatter_pool = carry
+        kx, kz = jax.random.split(jax.random.fold_in(key, g))
+        chol = jnp.linalg.cholesky(unvech(theta_prev[d:], d))
+        c = wishart_factor(kx, n - 1, chol, False)
+        z = jax.random.normal(kz, (d,), dtype)
+        mean = theta_prev[:d] + chol @ z / jnp.sqrt(jnp.asarray(n, dtype))
+        scatter = c @ c.T
+        if spec.workflow == "discard":
+            res = gaussian_from_scatter(mean, scatter, jnp.asarray(n, dtype), theta_prev)
+        else:
+            gf = g.astype(dtype)
+            count, mean_pool, scatter_pool = merge_scatter(
+                (gf - 1) * n, mean_pool, scatter_pool, n, mean, scatter
+            )
+            res = gaussian_from_scatter(mean_pool, scatter_pool, count, theta_prev)
+        alive = alive & res.converged
+        out = (res.theta, res.converged, alive, res.iterations)
+        return (res.theta, alive, mean_pool, scatter_pool), out
+
+    init = (params.theta0, jnp.ones((), bool), jnp.zeros((d,), dtype), jnp.zeros((d, d), dtype))
+    _, out = jax.lax.scan(body, init, jnp.arange(1, G + 1))
+    return Trajectory(*out)
 
 
 def _sample_without_replacement(key, n: int, size, capacity: int):
@@ -270,6 +364,11 @@ def build_block(spec: StaticSpec):
         alive_before = jnp.concatenate([jnp.ones_like(traj.alive[:, :1]), traj.alive[:, :-1]], axis=1)
         failed = (valid[:, None] & alive_before & ~traj.converged).astype(jnp.float64).sum(0)
         iterations = jnp.where(weight, traj.iterations, 0).astype(jnp.float64).sum(0)
-        return BlockResult(moments, failed, iterations)
+        # Model metrics of theta_g; dead or padding trajectories get exactly 0 (never NaN * 0).
+        values = _models.metrics(spec.model, traj.theta, params.theta0)
+        values = jnp.where(weight[..., None], values, 0.0)
+        metrics = jnp.stack([values.sum(0), (values * values).sum(0)], axis=1)  # (G, 2, k)
+        return BlockResult(moments, failed, iterations, metrics)
 
     return block
+

@@ -1,7 +1,11 @@
 """Estimators: pure, vmappable fits that report whether they succeeded.
 
-Both fits return a `FitResult`.  A failed fit (singular design, separable
-logistic data, non-convergence, non-finite values) has ``converged=False``;
+Every fit returns a `FitResult`: least squares and ridge (Cholesky of the
+normal equations), logistic and Poisson regression (one canonical-link GLM
+Newton routine), the Gaussian sample mean and covariance, the sample median
+(also exactly over a pool of sorted batches).  A failed fit (singular design
+or covariance, separable logistic or all-zero Poisson data, non-convergence,
+non-finite values) has ``converged=False``;
 its ``theta`` is then the starting value, so callers never carry NaN or inf
 forward.  Nothing here draws random numbers: results are deterministic
 functions of the inputs.
@@ -13,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 
@@ -70,7 +75,8 @@ def least_squares(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
 
 
 def logistic_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
-                    theta_init: jax.Array | None = None, max_iterations: int = 50) -> FitResult:
+                    theta_init: jax.Array | None = None, max_iterations: int = 50,
+                    ridge: jax.Array | None = None) -> FitResult:
     """Logistic-regression MLE by Newton's method with Cholesky solves.
 
     Maximises sum_i w_i [y_i x_i.theta - log(1 + exp(x_i.theta))].  Targets
@@ -87,10 +93,48 @@ def logistic_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None
 
     **Arguments:** `x` (m, d); `y` (m,) in [0, 1]; `weights` (m,) >= 0
     (default ones); `theta_init` (d,) warm start (default zeros);
-    `max_iterations` static int.
+    `max_iterations` static int; `ridge` (d,) >= 0 or None (default): per-
+    coordinate penalties, maximising the objective above minus
+    (1/2) sum_j ridge_j theta_j^2 (a zero entry leaves that coordinate, e.g.
+    an intercept, unpenalised; None is the plain MLE, the same code path).
 
     **Returns:** `FitResult` with the number of Newton steps taken.
     """
+    return glm_newton(x, y, weights, theta_init, max_iterations, ridge, family="logistic")
+
+
+def poisson_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
+                   theta_init: jax.Array | None = None, max_iterations: int = 50) -> FitResult:
+    """Poisson-regression (log link) MLE by Newton's method with Cholesky solves.
+
+    Maximises sum_i w_i [y_i x_i.theta - exp(x_i.theta)] (counts y_i >= 0;
+    fractional targets with matching weights give pooled fits, as for
+    `logistic_newton`).  Same stopping rule and failure flags as
+    `logistic_newton`: the MLE does not exist when the counts are all zero
+    (or zero on one side of a hyperplane through the data); Newton then
+    drives exp(x.theta) to zero, the Hessian becomes numerically singular or
+    the iteration cap is hit, and ``converged`` is False.
+
+    **Arguments / Returns:** as `logistic_newton` (`y` (m,) >= 0).
+    """
+    return glm_newton(x, y, weights, theta_init, max_iterations, None, family="poisson")
+
+
+def glm_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
+               theta_init: jax.Array | None = None, max_iterations: int = 50,
+               ridge: jax.Array | None = None, family: str = "logistic") -> FitResult:
+    """Canonical-link GLM MLE by Newton's method: the routine behind `logistic_newton`
+    and `poisson_newton` (see their docstrings for the objective, stopping rule
+    and failure flags).
+
+    With cumulant b (``family="logistic"``: b(eta) = log(1 + e^eta);
+    ``"poisson"``: b(eta) = e^eta) it maximises
+    sum_i w_i [y_i eta_i - b(eta_i)] - (1/2) sum_j ridge_j theta_j^2, eta = x theta:
+    gradient x^T w (y - b'(eta)) - ridge theta, Hessian x^T diag(w b''(eta)) x + diag(ridge).
+    `family` is static.
+    """
+    if family not in ("logistic", "poisson"):
+        raise ValueError(f"unknown GLM family {family!r}")
     dtype = x.dtype
     if weights is None:
         weights = jnp.ones(y.shape, dtype)
@@ -100,9 +144,17 @@ def logistic_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None
 
     def step(theta):
         eta = x @ theta
-        p = jax.nn.sigmoid(eta)
+        if family == "logistic":
+            p = jax.nn.sigmoid(eta)
+            curvature = weights * p * (1 - p)
+        else:
+            p = jnp.exp(eta)
+            curvature = weights * p
         grad = x.T @ (weights * (y - p))
-        hess = (x * (weights * p * (1 - p))[:, None]).T @ x
+        hess = (x * curvature[:, None]).T @ x
+        if ridge is not None:
+            grad = grad - ridge * theta
+            hess = hess + jnp.diag(ridge)
         chol = jnp.linalg.cholesky(hess)
         delta = cho_solve((chol, True), grad)
         return delta, _cholesky_ok(chol)
@@ -128,3 +180,237 @@ def logistic_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None
 def triangular_solve_transposed(chol: jax.Array, v: jax.Array) -> jax.Array:
     """Solve L^T u = v for lower-triangular L: (d, d), (d,) -> (d,)."""
     return solve_triangular(chol, v, lower=True, trans="T")
+
+
+def ridge_regression(x: jax.Array, y: jax.Array, penalty: jax.Array,
+                     weights: jax.Array | None = None,
+                     fallback: jax.Array | None = None) -> FitResult:
+    """Ridge regression with a fixed penalty: the minimiser of
+
+        sum_i w_i (y_i - x_i.theta)^2 + penalty ||theta||^2,
+        theta = (X^T W X + penalty I)^{-1} X^T W y,
+
+    over the data given (the penalty is not rescaled with the number of
+    points).  Linear in y.  ``penalty = 0`` is `least_squares`.
+
+    **Arguments:** `x` (m, d); `y` (m,); `penalty` () >= 0 (traced);
+    `weights` (m,) >= 0 multiplicities (default ones); `fallback` (d,)
+    (default zeros).  **Returns:** `FitResult` (flagged as `least_squares`).
+    """
+    if weights is None:
+        weights = jnp.ones(y.shape, x.dtype)
+    if fallback is None:
+        fallback = jnp.zeros(x.shape[-1], x.dtype)
+    xw = x * weights[:, None]
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return solve_normal_equations(xw.T @ x + penalty * eye, xw.T @ y, fallback)
+
+
+# ---------------------------------------------------------------------------
+# Gaussian location-scale: theta = (mu, vech Sigma)
+# ---------------------------------------------------------------------------
+
+
+def vech(s: jax.Array) -> jax.Array:
+    """The lower triangle of symmetric (..., d, d) matrices, row by row: (..., d(d+1)/2).
+
+    Entries (i, j), i >= j, in ``numpy.tril_indices(d)`` order.
+    """
+    rows, cols = np.tril_indices(s.shape[-1])
+    return s[..., rows, cols]
+
+
+def unvech(v: jax.Array, d: int) -> jax.Array:
+    """Inverse of `vech`: (..., d(d+1)/2) -> symmetric (..., d, d) (exactly symmetric)."""
+    rows, cols = np.tril_indices(d)
+    index = np.zeros((d, d), np.int64)
+    index[rows, cols] = np.arange(rows.size)
+    index[cols, rows] = np.arange(rows.size)
+    return v[..., index]
+
+
+def gaussian_from_scatter(mean: jax.Array, scatter: jax.Array, count: jax.Array,
+                          fallback: jax.Array) -> FitResult:
+    """theta = (mean, vech(scatter / (count - 1))): the unbiased sample covariance.
+
+    Fails (``converged=False``, theta = `fallback`) when the covariance is
+    numerically singular by the Cholesky test of `least_squares` (all points
+    on a hyperplane: too few distinct points) or anything is non-finite.
+
+    **Arguments:** `mean` (d,); `scatter` (d, d) = sum_i w_i (x_i - mean)(x_i - mean)^T;
+    `count` () = sum_i w_i > 1; `fallback` (d + d(d+1)/2,).
+    """
+    cov = scatter / (count - 1)
+    chol = jnp.linalg.cholesky(cov)
+    theta = jnp.concatenate([mean, vech(cov)])
+    ok = _cholesky_ok(chol) & jnp.all(jnp.isfinite(theta))
+    return FitResult(jnp.where(ok, theta, fallback), jnp.zeros((), jnp.int32), ok)
+
+
+def merge_scatter(count_a, mean_a, scatter_a, count_b, mean_b, scatter_b):
+    """(count, mean, scatter) of the union of two samples (Chan, Golub & LeVeque's update).
+
+    Numerically stable (no sum of squares minus a squared sum): shapes (), (d,), (d, d).
+    """
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / count)
+    scatter = scatter_a + scatter_b + jnp.outer(delta, delta) * (count_a * count_b / count)
+    return count, mean, scatter
+
+
+def gaussian_fit(x: jax.Array, weights: jax.Array | None = None,
+                 fallback: jax.Array | None = None) -> FitResult:
+    """Sample mean and unbiased sample covariance (normaliser 1 / (m - 1)) of points.
+
+    With integer multiplicities `weights` (0 drops a point) this is the fit
+    on the expanded multiset (``numpy.cov(x.T, fweights=w)``), m = sum w.
+
+    **Arguments:** `x` (m, d); `weights` (m,) (default ones); `fallback`
+    (d + d(d+1)/2,) (default zeros).  **Returns:** `FitResult` with theta =
+    (mu, vech Sigma) (see `gaussian_from_scatter` for the failure flag).
+    """
+    m, d = x.shape
+    if weights is None:
+        weights = jnp.ones((m,), x.dtype)
+    if fallback is None:
+        fallback = jnp.zeros(d + d * (d + 1) // 2, x.dtype)
+    count = jnp.sum(weights)
+    mean = (weights @ x) / count
+    xc = x - mean[None, :]
+    return gaussian_from_scatter(mean, (xc * weights[:, None]).T @ xc, count, fallback)
+
+
+# ---------------------------------------------------------------------------
+# Location by the sample median
+# ---------------------------------------------------------------------------
+
+
+def sample_median(x: jax.Array, weights: jax.Array | None = None,
+                  fallback: jax.Array | None = None) -> FitResult:
+    """Coordinatewise sample median, numpy's convention (mean of the two middle values).
+
+    With integer multiplicities `weights` (0 drops a point) it is the median
+    of the expanded multiset.  Fails only on non-finite input or zero total weight.
+
+    **Arguments:** `x` (m, d); `weights` (m,) or None (all ones: one sort);
+    `fallback` (d,) (default zeros).  **Returns:** `FitResult` with theta (d,).
+    """
+    m = x.shape[0]
+    if fallback is None:
+        fallback = jnp.zeros(x.shape[-1], x.dtype)
+    if weights is None:
+        xs = jnp.sort(x, axis=0)
+        med = 0.5 * (xs[(m - 1) // 2] + xs[m // 2])
+        ok = jnp.all(jnp.isfinite(med))
+    else:
+        order = jnp.argsort(x, axis=0)
+        xs = jnp.take_along_axis(x, order, axis=0)
+        cw = jnp.cumsum(weights[order], axis=0)  # (m, d); cw[-1] = W in every column
+        total = cw[-1]
+        # e_k (0-based, expanded sorted list) sits at the first i with cw_i > k.
+        i_lo = jnp.sum(cw <= jnp.floor((total - 1) / 2)[None, :], axis=0)
+        i_hi = jnp.sum(cw <= jnp.floor(total / 2)[None, :], axis=0)
+
+        def take(i):
+            return jnp.take_along_axis(xs, jnp.minimum(i, m - 1)[None, :], axis=0)[0]
+
+        med = 0.5 * (take(i_lo) + take(i_hi))
+        ok = jnp.all(jnp.isfinite(med)) & jnp.all(total >= 1)
+    return FitResult(jnp.where(ok, med, fallback), jnp.zeros((), jnp.int32), ok)
+
+
+def _key_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(jnp.uint64 if jnp.dtype(dtype).itemsize == 8 else jnp.uint32)
+
+
+def order_keys(x: jax.Array) -> jax.Array:
+    """Unsigned integers ordered as the floats `x` are (uint64 for float64, uint32 for float32).
+
+    Positive floats get the sign bit set, negative ones all bits flipped;
+    -0.0 sorts just below +0.0.  Inverse: `from_order_keys`.
+    """
+    kdt = _key_dtype(x.dtype)
+    bits = jax.lax.bitcast_convert_type(x, kdt)
+    sign = kdt.type(1) << kdt.type(8 * kdt.itemsize - 1)
+    return jnp.where(bits & sign, ~bits, bits | sign)
+
+
+def from_order_keys(keys: jax.Array, dtype) -> jax.Array:
+    """Inverse of `order_keys`."""
+    kdt = keys.dtype
+    sign = kdt.type(1) << kdt.type(8 * kdt.itemsize - 1)
+    bits = jnp.where(keys & sign, keys ^ sign, ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype))
+
+
+def pooled_median(keys: jax.Array, total: jax.Array, dtype) -> jax.Array:
+    """Exact coordinatewise median of the union of sorted batches, without sorting the pool.
+
+    Pooling every batch and sorting it costs O(B n log(B n)) per fit; here
+    each batch is sorted once when it arrives.  The k-th smallest pooled
+    value (k = (total - 1) // 2) is bracketed, lo < x_(k) <= hi, with the
+    counts c(t) = #{pool <= t} (a binary search in every batch, O(B log n))
+    satisfying c(lo) <= k < c(hi); the bracket shrinks by a safeguarded
+    interpolation search (even rounds: the value where the linear
+    interpolation of c between lo and hi crosses k + 1/2; odd rounds: the
+    midpoint of the integer order keys, so the key range at least halves
+    every two rounds: at most 2b rounds for b-bit keys, typically ~10) until
+    it holds one data point or one representable value.  x_(k) is then the
+    smallest key above lo; x_(k+1) that or the next one.  Exact: the result is
+    a data value (or the mean of two), equal to ``numpy.median`` of the pool.
+
+    **Arguments:** `keys` (B, n, d) `order_keys` of the batches, each
+    column ``keys[b, :, j]`` sorted ascending, batches not yet drawn filled
+    with the largest key (never selected); `total` () int, the number of
+    real points (1 <= total <= B n); `dtype` of the data.
+    **Returns:** (d,) the medians, numpy's convention.
+    """
+    B, n, d = keys.shape
+    kdt = keys.dtype
+    top = jnp.full((d,), jnp.iinfo(kdt).max, kdt)
+    # The unrolled binary search measured ~25x faster than the default scan under vmap (CPU).
+    def search_one(a, v):
+        return jnp.searchsorted(a, v, side="right", method="scan_unrolled")
+
+    search = jax.vmap(jax.vmap(search_one, (1, 0)), (0, None))
+    total = total.astype(jnp.int64)
+    k = (total - 1) // 2
+
+    def count(t):
+        return search(keys, t).astype(jnp.int64).sum(0)
+
+    def next_above(t):  # the smallest key > t, and c(t)
+        pos = search(keys, t)  # (B, d)
+        nxt = jnp.take_along_axis(keys, jnp.minimum(pos, n - 1)[:, None, :], axis=1)[:, 0, :]
+        return jnp.where(pos < n, nxt, top[None, :]).min(0), pos.astype(jnp.int64).sum(0)
+
+    real = keys[:, 0, :] != top[None, :]  # (B, d): batches drawn so far
+    lo = keys[:, 0, :].min(0) - 1  # just below the smallest point: c(lo) = 0
+    hi = jnp.where(real, keys[:, n - 1, :], 0).max(0)  # the largest point: c(hi) = total
+    c_lo, c_hi = jnp.zeros((d,), jnp.int64), jnp.broadcast_to(total, (d,))
+
+    def undone(lo, hi, c_lo, c_hi):
+        return (c_hi - c_lo > 1) & (hi - lo > 1)
+
+    def body(state):
+        i, lo, hi, c_lo, c_hi = state
+        lv, hv = from_order_keys(lo, dtype), from_order_keys(hi, dtype)
+        frac = ((k + 0.5 - c_lo) / (c_hi - c_lo)).astype(dtype)
+        guess = order_keys(lv + (hv - lv) * frac)
+        inside = (guess > lo) & (guess < hi) & jnp.isfinite(hv - lv)
+        t = jnp.where((i % 2 == 0) & inside, guess, lo + (hi - lo) // 2)
+        c = count(t)
+        active = undone(lo, hi, c_lo, c_hi)
+        left = active & (c <= k)  # x_(k) > t: t is the new lo
+        right = active & (c > k)
+        return (i + 1, jnp.where(left, t, lo), jnp.where(right, t, hi),
+                jnp.where(left, c, c_lo), jnp.where(right, c, c_hi))
+
+    _, lo, _, _, _ = jax.lax.while_loop(
+        lambda s: jnp.any(undone(*s[1:])), body, (jnp.zeros((), jnp.int32), lo, hi, c_lo, c_hi)
+    )
+    t_lo, _ = next_above(lo)  # x_(k): (lo, hi] holds one point or one value
+    t_next, c_at = next_above(t_lo)
+    t_hi = jnp.where(c_at >= total // 2 + 1, t_lo, t_next)  # x_(k+1) (= x_(k) for odd totals)
+    return 0.5 * (from_order_keys(t_lo, dtype) + from_order_keys(t_hi, dtype))

@@ -46,11 +46,25 @@ def harmonic2(g: np.ndarray) -> np.ndarray:
 def theory(config: dict[str, Any], metric: str, g: np.ndarray) -> np.ndarray | None:
     """The closed form of `metric` at generations `g` for this cell's config, or None.
 
-    Least squares only; discard (any design) and augment (fixed design).
+    Least squares: discard (any design) and augment (fixed design).
     ``variance_ratio``: g or sum_{k<=g} 1/k^2.  ``mse``: that factor times
     sigma^2 tr(Sigma^{-1}) / (n - d - 1), the expected E||theta_1 - theta0||^2
     for Gaussian features with covariance Sigma (inverse-Wishart mean).
+    Gaussian fitting under discard: both, exactly at finite n
+    (`collapse_jax._theory.gaussian_discard_exact`).  Median under discard:
+    the variance ratio g (i.i.d. increments).
     """
+    if config["model"] == "gaussian" and config["workflow"] == "discard":
+        from ._theory import gaussian_discard_exact
+
+        d = config["d"]
+        cov = np.eye(d) if config.get("feature_cov") is None else np.asarray(config["feature_cov"])
+        ex = gaussian_discard_exact(config["n"], int(np.max(g)), config["sigma"] ** 2 * cov)
+        values = ex.variance_ratio if metric == "variance_ratio" else ex.cov_trace
+        return values[np.asarray(g) - 1]
+    median_discard = config["model"] == "median" and config["workflow"] == "discard"
+    if median_discard and metric == "variance_ratio":
+        return g.astype(np.float64)
     if config["model"] != "ols":
         return None
     if config["workflow"] == "discard":

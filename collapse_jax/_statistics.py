@@ -168,3 +168,39 @@ def summarize(m: Moments) -> Summary:
         coord_ratio=coord_ratio,
         coord_ratio_se=coord_se,
     )
+
+
+class MetricSummary(NamedTuple):
+    """Per-generation means of a model's scalar metrics (numpy float64; k metrics).
+
+    Built by `summarize_metrics` from the block sums of the values and their
+    squares over the trajectories that count at each generation (the same
+    ones as `Summary`).  Entries with fewer than two trajectories are NaN.
+    """
+
+    names: tuple[str, ...]  # the k metric names (`_models.metric_names`).
+    count: np.ndarray  # (G,) trajectories behind each mean.
+    mean: np.ndarray  # (G, k)
+    se: np.ndarray  # (G, k) standard error of the mean: sample sd / sqrt(count).
+
+    @property
+    def ci_low(self) -> np.ndarray:
+        return self.mean - Z95 * self.se
+
+    @property
+    def ci_high(self) -> np.ndarray:
+        return self.mean + Z95 * self.se
+
+
+def summarize_metrics(names: tuple[str, ...], count: np.ndarray, sums: np.ndarray) -> MetricSummary:
+    """Means and standard errors from sums (G, 2, k) of values and squared values, count (G,)."""
+    count = np.asarray(count, np.float64)
+    sums = np.asarray(sums, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = count[:, None]
+        mean = sums[:, 0] / n
+        var = np.clip(sums[:, 1] / n - mean**2, 0, None) * n / (n - 1)
+        se = np.sqrt(var / n)
+    few = count < 2
+    mean[few], se[few] = np.nan, np.nan
+    return MetricSummary(tuple(names), count, mean, se)

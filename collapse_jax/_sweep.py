@@ -61,7 +61,9 @@ _VECTOR_DEPTH = {"theta0": 1, "feature_cov": 2}
 # Keys that never become summary.csv columns: they do not change the numbers.
 _SILENT = ("block_size",)
 # The modules whose source fixes a cell's numbers (see `code_hash`).
-_NUMERIC_MODULES = ("_config", "_data", "_engine", "_estimators", "_statistics", "_driver")
+_NUMERIC_MODULES = (
+    "_config", "_data", "_engine", "_estimators", "_models", "_statistics", "_driver",
+)
 
 
 def _did_you_mean(key: str, allowed) -> str:
@@ -484,7 +486,8 @@ def _rebase_checkpoint(cell_dir: Path, old: SimulationConfig, new: SimulationCon
         blocks = int(z["blocks_done"])
         assert blocks * old.block_size == old.trajectories, "rebasing an unfinished round"
         m = Moments(z["count"], z["sum"], z["outer"])
-        _save_checkpoint(path, fingerprint(new), blocks, m, z["failed"], z["iterations"])
+        _save_checkpoint(path, fingerprint(new), blocks, m, z["failed"], z["iterations"],
+                         z["metrics"])
 
 
 def _run_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, say: Callable[[str], None] | None):
