@@ -112,53 +112,32 @@ def _run_simulate(args) -> int:
     return 0
 
 
-def _add_figure1(sub) -> None:
-    from . import _figure1
-
-    p = sub.add_parser(
-        "figure1",
-        help="reproduce Dey & Donoho's Figure 1 (Gaussian-process limit), exact and Monte Carlo",
-        allow_abbrev=False,
-    )
-    _figure1.add_arguments(p)
-    p.set_defaults(func=_figure1.main)
-
-
-def _add_sweep(sub) -> None:
-    from . import _sweep
-
-    p = sub.add_parser("sweep", help="run a resumable parameter sweep declared in a TOML file",
-                       allow_abbrev=False)
-    _sweep.add_arguments(p)
-    p.set_defaults(func=_sweep.main)
-    p = sub.add_parser("plot", help="faceted figures of a sweep directory, with theory overlaid",
-                       allow_abbrev=False)
-    _sweep.add_plot_arguments(p)
-    p.set_defaults(func=_sweep.plot_main)
+# Subcommands that live in their own module: (name, module, help, add_arguments, main).
+_MODULE_COMMANDS = (
+    ("figure1", "_figure1",
+     "reproduce Dey & Donoho's Figure 1 (Gaussian-process limit), exact and Monte Carlo",
+     "add_arguments", "main"),
+    ("sweep", "_sweep", "run a resumable parameter sweep declared in a TOML file",
+     "add_arguments", "main"),
+    ("plot", "_sweep", "faceted figures of a sweep directory, with theory overlaid",
+     "add_plot_arguments", "plot_main"),
+    ("realdata", "_realdata",
+     "Dey & Donoho's real-data experiments (Figures 2-5) with R trajectories per workflow",
+     "add_arguments", "main"),
+    ("universality", "_universality",
+     "variance ratios of every model and workflow against the Gaussian-process limit",
+     "add_arguments", "main"),
+)
 
 
-def _add_realdata(sub) -> None:
-    from . import _realdata
+def _add_module_commands(sub) -> None:
+    import importlib
 
-    p = sub.add_parser(
-        "realdata",
-        help="Dey & Donoho's real-data experiments (Figures 2-5) with R trajectories per workflow",
-        allow_abbrev=False,
-    )
-    _realdata.add_arguments(p)
-    p.set_defaults(func=_realdata.main)
-
-
-def _add_universality(sub) -> None:
-    from . import _universality
-
-    p = sub.add_parser(
-        "universality",
-        help="variance ratios of every model and workflow against the Gaussian-process limit",
-        allow_abbrev=False,
-    )
-    _universality.add_arguments(p)
-    p.set_defaults(func=_universality.main)
+    for name, module, help_text, add, run in _MODULE_COMMANDS:
+        mod = importlib.import_module(f".{module}", __package__)
+        p = sub.add_parser(name, help=help_text, allow_abbrev=False)
+        getattr(mod, add)(p)
+        p.set_defaults(func=getattr(mod, run))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,10 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"collapse-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_simulate(sub)
-    _add_figure1(sub)
-    _add_sweep(sub)
-    _add_realdata(sub)
-    _add_universality(sub)
+    _add_module_commands(sub)
     return parser
 
 
