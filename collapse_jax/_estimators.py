@@ -18,7 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import solve_triangular
+
+from ._small_linalg import conditioning_ok, spd_solve
 
 
 class FitResult(NamedTuple):
@@ -34,11 +36,7 @@ def _cholesky_ok(chol: jax.Array) -> jax.Array:
     the largest diagonal entry of the factor (a cheap proxy for 1/cond) falls
     below d * eps of the dtype.
     """
-    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
-    eps = jnp.finfo(chol.dtype).eps
-    finite = jnp.all(jnp.isfinite(chol))
-    dmin, dmax = jnp.min(diag), jnp.max(diag)
-    return finite & (dmin > 0) & ((dmin / dmax) ** 2 > diag.shape[-1] * eps)
+    return conditioning_ok(jnp.diagonal(chol, axis1=-2, axis2=-1), jnp.all(jnp.isfinite(chol)))
 
 
 def solve_normal_equations(xtx: jax.Array, xty: jax.Array, fallback: jax.Array) -> FitResult:
@@ -50,12 +48,10 @@ def solve_normal_equations(xtx: jax.Array, xty: jax.Array, fallback: jax.Array) 
     - `xty`: shape (d,), X^T W y.
     - `fallback`: shape (d,), returned as theta when the Gram matrix is singular.
 
-    **Returns:** `FitResult` (Cholesky solve; ``converged`` is False for a
-    numerically singular or non-finite system).
+    **Returns:** `FitResult` (Cholesky solve by `spd_solve`; ``converged`` is
+    False for a numerically singular or non-finite system).
     """
-    chol = jnp.linalg.cholesky(xtx)
-    theta = cho_solve((chol, True), xty)
-    ok = _cholesky_ok(chol) & jnp.all(jnp.isfinite(theta))
+    theta, ok = spd_solve(xtx, xty)
     return FitResult(jnp.where(ok, theta, fallback), jnp.zeros((), jnp.int32), ok)
 
 
@@ -155,9 +151,7 @@ def glm_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
         if ridge is not None:
             grad = grad - ridge * theta
             hess = hess + jnp.diag(ridge)
-        chol = jnp.linalg.cholesky(hess)
-        delta = cho_solve((chol, True), grad)
-        return delta, _cholesky_ok(chol)
+        return spd_solve(hess, grad)
 
     def cond(state):
         _, it, done, failed = state

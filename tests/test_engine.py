@@ -6,8 +6,11 @@ errors of the estimate itself (plus, where stated, an O(1/n) allowance).
 
 import csv
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 import collapse_jax as cj
 
@@ -174,3 +177,37 @@ def test_sufficient_statistics_match_explicit_data_beyond_variance(workflow):
         diff = q["auto"][k] - q["data"][k]
         se = np.sqrt((q["auto"][k + 1] + q["data"][k + 1]) / R)
         assert np.all(np.abs(diff) < 5 * se), (k, diff / se)
+
+
+def test_sample_without_replacement_is_uniform_over_subsets():
+    """Floyd's algorithm: distinct indices in range, every n-subset equally likely.
+
+    n = 2 of size 5 (capacity 8): 10 subsets, each with probability 1/10;
+    counts over N draws are checked within 5 binomial SE, and the chi-square
+    statistic against its 9 degrees of freedom.
+    """
+    from collapse_jax._engine import _sample_without_replacement
+
+    n, size, N = 2, 5, 40_000
+    keys = jax.random.split(jax.random.key(2, impl="philox4x32"), N)
+    def draw(n, size, capacity, keys):
+        f = jax.vmap(lambda k: _sample_without_replacement(k, n, jnp.asarray(size), capacity))
+        return np.asarray(jax.jit(f)(keys))
+
+    idx = draw(n, size, 8, keys)
+    assert idx.min() >= 0 and idx.max() < size and np.all(idx[:, 0] != idx[:, 1])
+    code = np.sort(idx, axis=1) @ np.array([size, 1])
+    pairs = [a * size + b for a in range(size) for b in range(a + 1, size)]
+    counts = np.bincount(code, minlength=size * size)[pairs]
+    assert counts.sum() == N
+    p = 1 / 10
+    assert np.all(np.abs(counts - N * p) < 5 * np.sqrt(N * p * (1 - p)))
+    chi2 = ((counts - N * p) ** 2 / (N * p)).sum()
+    assert stats.chi2(9).sf(chi2) > 1e-4
+    # A pool-sized case: n = 100 of 250 (capacity 5000); each index is included w.p. n / size.
+    keys = jax.random.split(jax.random.key(3, impl="philox4x32"), 4000)
+    idx = draw(100, 250, 5000, keys)
+    assert all(len(set(row)) == 100 for row in idx[:200]) and idx.max() < 250
+    freq = np.bincount(idx.ravel(), minlength=250) / len(idx)
+    q = 100 / 250
+    assert np.all(np.abs(freq - q) < 5 * np.sqrt(q * (1 - q) / len(idx)))
