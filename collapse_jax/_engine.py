@@ -267,7 +267,7 @@ def build_trajectory(spec: StaticSpec):
                 else:
                     size = g * n
                     if spec.workflow == "subsample":
-                        idx = _sample_without_replacement(ks, n, size, G * n)
+                        idx = _sample_without_replacement(ks, n, size)
                     else:
                         idx = jax.random.randint(ks, (n,), 0, size)
                     idx = jnp.where(g == 1, jnp.arange(n), idx)  # generation 1: the real batch
@@ -335,10 +335,10 @@ def _pool_prefixes(generations: int) -> tuple[int, ...]:
     return tuple(sorted({-(-generations * (i + 1) // k) for i in range(k)}))
 
 
-def _sample_without_replacement(key, n: int, size, capacity: int):
+def _sample_without_replacement(key, n: int, size):
     """n distinct indices, uniformly from [0, size): shape (n,), int32.
 
-    n <= size <= capacity; `size` is traced.
+    n <= size; `size` is traced (an int array).
 
     Floyd's algorithm (Bentley & Floyd 1987): for i = 0..n-1 with
     j = size - n + i, draw t uniform on [0, j]; take t unless an earlier step
@@ -346,11 +346,10 @@ def _sample_without_replacement(key, n: int, size, capacity: int):
     not uniform; callers use the set).  The n draws are one ``randint`` call;
     the n steps are a loop whose membership test is O(n), so a call costs
     O(n^2) comparisons, vectorized across a vmapped batch, and nothing of
-    size `capacity`: measured ~10x cheaper than sorting random keys over a
+    the pool's size: measured ~10x cheaper than sorting random keys over a
     5,000-slot pool (XLA's CPU sort costs ~35 ns per element, and a cumsum
-    compaction was not much cheaper).  `capacity` only bounds `size`.
+    compaction was not much cheaper).
     """
-    del capacity
     i = jnp.arange(n, dtype=jnp.int32)
     j = size.astype(jnp.int32) - n + i
     picks = jax.random.randint(key, (n,), 0, j + 1, dtype=jnp.int32)

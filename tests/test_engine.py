@@ -182,7 +182,7 @@ def test_sufficient_statistics_match_explicit_data_beyond_variance(workflow):
 def test_sample_without_replacement_is_uniform_over_subsets():
     """Floyd's algorithm: distinct indices in range, every n-subset equally likely.
 
-    n = 2 of size 5 (capacity 8): 10 subsets, each with probability 1/10;
+    n = 2 of size 5: 10 subsets, each with probability 1/10;
     counts over N draws are checked within 5 binomial SE, and the chi-square
     statistic against its 9 degrees of freedom.
     """
@@ -190,11 +190,11 @@ def test_sample_without_replacement_is_uniform_over_subsets():
 
     n, size, N = 2, 5, 40_000
     keys = jax.random.split(jax.random.key(2, impl="philox4x32"), N)
-    def draw(n, size, capacity, keys):
-        f = jax.vmap(lambda k: _sample_without_replacement(k, n, jnp.asarray(size), capacity))
+    def draw(n, size, keys):
+        f = jax.vmap(lambda k: _sample_without_replacement(k, n, jnp.asarray(size)))
         return np.asarray(jax.jit(f)(keys))
 
-    idx = draw(n, size, 8, keys)
+    idx = draw(n, size, keys)
     assert idx.min() >= 0 and idx.max() < size and np.all(idx[:, 0] != idx[:, 1])
     code = np.sort(idx, axis=1) @ np.array([size, 1])
     pairs = [a * size + b for a in range(size) for b in range(a + 1, size)]
@@ -204,9 +204,9 @@ def test_sample_without_replacement_is_uniform_over_subsets():
     assert np.all(np.abs(counts - N * p) < 5 * np.sqrt(N * p * (1 - p)))
     chi2 = ((counts - N * p) ** 2 / (N * p)).sum()
     assert stats.chi2(9).sf(chi2) > 1e-4
-    # A pool-sized case: n = 100 of 250 (capacity 5000); each index is included w.p. n / size.
+    # A pool-sized case: n = 100 of 250; each index is included w.p. n / size.
     keys = jax.random.split(jax.random.key(3, impl="philox4x32"), 4000)
-    idx = draw(100, 250, 5000, keys)
+    idx = draw(100, 250, keys)
     assert all(len(set(row)) == 100 for row in idx[:200]) and idx.max() < 250
     freq = np.bincount(idx.ravel(), minlength=250) / len(idx)
     q = 100 / 250
