@@ -755,23 +755,13 @@ def targets(rows: list[dict], limit: dict | None, memory: dict | None) -> list[d
     return out
 
 
-def _fmt_target_value(t: dict) -> str:
-    v = t["measured"]
+def _fmt_target(t: dict, key: str) -> str:
+    """A target's `key` ("measured" or "measured_cpu") in the unit its name implies."""
+    v = t[key]
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     if "RSS" in t["target_name"]:
         return f"{v / MB:,.0f} MB"
-    if "compile" in t["target_name"]:
-        return f"{v:.2f} s"
-    if "steps/s" in t["target_name"]:
-        return f"{v:.3g}"
-    return _ratio(v) if "vs" in t["target_name"] else f"{v:.2f}"
-
-
-def _fmt_target_cpu(t: dict) -> str:
-    v = t["measured_cpu"]
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
     if "compile" in t["target_name"]:
         return f"{v:.2f} s"
     if "steps/s" in t["target_name"]:
@@ -1074,8 +1064,8 @@ def main(argv: list[str] | None = None) -> dict:
               "process CPU time)")
         print(f"{'target':64} {'target':>18} {'measured':>11} {'cpu':>9}  met?")
         for t in tg:
-            print(f"{t['target_name']:64} {t['target']:>18} {_fmt_target_value(t):>11} "
-                  f"{_fmt_target_cpu(t):>9}  "
+            print(f"{t['target_name']:64} {t['target']:>18} {_fmt_target(t, 'measured'):>11} "
+                  f"{_fmt_target(t, 'measured_cpu'):>9}  "
                   f"{'n/a' if t['met'] is None else 'yes' if t['met'] else 'NO'}"
                   + (f"   ({t['note']})" if t["note"] else ""))
 

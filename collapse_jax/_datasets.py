@@ -118,25 +118,31 @@ def _load_diabetes() -> RawData:
     )
 
 
-def _load_wisconsin() -> RawData:
-    b = _sklearn("breast_cancer")
+def _sklearn_classes(kind: str, feature_names, source: str) -> RawData:
+    """A scikit-learn classification data set with its own labels; `feature_names`
+    maps the loaded bunch to the names (None: the bunch's own)."""
+    b = _sklearn(kind)
+    names = b.feature_names if feature_names is None else feature_names(b)
     return RawData(
         np.asarray(b.data, np.float64),
         np.asarray(b.target, np.int64),
-        tuple(str(f) for f in b.feature_names),
+        tuple(str(f) for f in names),
         tuple(str(c) for c in b.target_names),
+        source,
+    )
+
+
+def _load_wisconsin() -> RawData:
+    return _sklearn_classes(
+        "breast_cancer", None,
         "scikit-learn sklearn.datasets.load_breast_cancer (UCI Breast Cancer Wisconsin "
         "(Diagnostic)); label 1 = benign",
     )
 
 
 def _load_digits() -> RawData:
-    b = _sklearn("digits")
-    return RawData(
-        np.asarray(b.data, np.float64),
-        np.asarray(b.target, np.int64),
-        tuple(f"pixel_{i}" for i in range(b.data.shape[1])),
-        tuple(str(c) for c in b.target_names),
+    return _sklearn_classes(
+        "digits", lambda b: [f"pixel_{i}" for i in range(b.data.shape[1])],
         "scikit-learn sklearn.datasets.load_digits (UCI optical recognition of handwritten "
         "digits, 8x8)",
     )
