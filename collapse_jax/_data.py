@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _random
+
 
 class ModelParams(NamedTuple):
     """Traced (non-shape) parameters of a simulation; changing them never recompiles."""
@@ -29,7 +31,7 @@ class ModelParams(NamedTuple):
 
 def sample_features(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
     """x_i ~ N(0, L L^T): shape (n, d), dtype of `chol`."""
-    z = jax.random.normal(key, (n, chol.shape[0]), chol.dtype)
+    z = _random.normal(key, (n, chol.shape[0]), chol.dtype)
     return z if isotropic else z @ chol.T
 
 
@@ -38,8 +40,8 @@ def sample_labels(key: jax.Array, model: str, x: jax.Array, theta: jax.Array,
     """Labels for features `x` (n, d) under parameter `theta` (d,): shape (n,)."""
     eta = x @ theta
     if model == "ols":
-        return eta + sigma * jax.random.normal(key, eta.shape, eta.dtype)
-    u = jax.random.uniform(key, eta.shape, eta.dtype)
+        return eta + sigma * _random.normal(key, eta.shape, eta.dtype)
+    u = _random.uniform_open(key, eta.shape, eta.dtype)
     return (u < jax.nn.sigmoid(eta)).astype(eta.dtype)
 
 
@@ -56,7 +58,7 @@ def wishart_factor(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> 
     df = (n - jnp.arange(d)).astype(chol.dtype)
     chi2 = 2.0 * gamma_large_shape(kc, df / 2)
     rows, cols = np.tril_indices(d, -1)  # draw only the d(d-1)/2 entries below the diagonal
-    z = jax.random.normal(kz, (rows.size,), chol.dtype)
+    z = _random.normal(kz, (rows.size,), chol.dtype)
     b = jnp.diag(jnp.sqrt(chi2)).at[rows, cols].set(z)
     return b if isotropic else chol @ b
 
@@ -78,7 +80,7 @@ def ols_error(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.A
     d = chol.shape[0]
     kc, kz = jax.random.split(key)
     chi2 = 2.0 * gamma_large_shape(kc, jnp.full((1,), (n - d + 1) / 2, chol.dtype))
-    u = jax.random.normal(kz, (d,), chol.dtype) / jnp.sqrt(chi2)
+    u = _random.normal(kz, (d,), chol.dtype) / jnp.sqrt(chi2)
     if isotropic:
         return u
     return jax.scipy.linalg.solve_triangular(chol, u, lower=True, trans="T")
@@ -89,8 +91,8 @@ def _gamma_attempt(key: jax.Array, i, a: jax.Array):
     dd = a - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * dd)
     kx, ku = jax.random.split(jax.random.fold_in(key, i))
-    x = jax.random.normal(kx, a.shape, a.dtype)
-    u = jax.random.uniform(ku, a.shape, a.dtype)
+    x = _random.normal(kx, a.shape, a.dtype)
+    u = _random.uniform_open(ku, a.shape, a.dtype)
     t = 1.0 + c * x
     v = t * t * t
     safe_v = jnp.where(t > 0, v, 1.0)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _models
+from . import _models, _random
 from ._config import SimulationConfig
 from ._data import ModelParams, ols_error, sample_features, wishart_factor
 from ._estimators import (
@@ -152,7 +152,7 @@ def build_trajectory(spec: StaticSpec):
                         gram = c @ c.T
                     else:
                         c, gram = c_fixed, gram_fixed
-                    z = jax.random.normal(kz, (d,), dtype)
+                    z = _random.normal(kz, (d,), dtype)
                     b = gram @ theta_prev + sigma * (c @ z)
                     penalty = params.ridge_penalty * eye
                     if spec.workflow == "discard":
@@ -168,13 +168,13 @@ def build_trajectory(spec: StaticSpec):
                 elif fresh:
                     # Augment: X_g^T X_g = C C^T (Bartlett), X_g^T eps = C z, exactly in law.
                     c = wishart_factor(kx, n, params.feature_chol, spec.isotropic)
-                    z = jax.random.normal(kz, (d,), dtype)
+                    z = _random.normal(kz, (d,), dtype)
                     gram = c @ c.T
                     a_sum = a_sum + gram
                     b_sum = b_sum + gram @ theta_prev + sigma * (c @ z)
                     res = solve_normal_equations(a_sum, b_sum, theta_prev)
                 else:
-                    u = sigma * (ct_inv @ jax.random.normal(kz, (d,), dtype))
+                    u = sigma * (ct_inv @ _random.normal(kz, (d,), dtype))
                     if spec.workflow == "discard":
                         theta = theta_prev + u
                     else:
@@ -303,7 +303,7 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
         kx, kz = jax.random.split(jax.random.fold_in(key, g))
         chol = jnp.linalg.cholesky(unvech(theta_prev[d:], d))
         c = wishart_factor(kx, n - 1, chol, False)
-        z = jax.random.normal(kz, (d,), dtype)
+        z = _random.normal(kz, (d,), dtype)
         mean = theta_prev[:d] + chol @ z / jnp.sqrt(jnp.asarray(n, dtype))
         scatter = c @ c.T
         if spec.workflow == "discard":

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _random
 from ._config import DTYPES, WORKFLOWS, _choice, _positive_int
 from ._statistics import Moments, Summary, block_moments, merge_moments, summarize, zero_moments
 
@@ -362,7 +363,7 @@ def build_noise(spec: _Spec) -> Callable[[jax.Array], jax.Array]:
 
     Returns `noise(keys) -> array (R, G, k, d)` (spec dtype): `keys` shape
     (R,), the trajectories' typed keys ``k_r = fold_in(key(seed), r)``;
-    ``noise[r] = normal(k_r, (G, k, d))``, generation g's slice ``[g-1]``
+    ``noise[r] = _random.normal(k_r, (G, k, d))``, generation g's slice ``[g-1]``
     holding the standard normals behind Z_g, then R_g (if V != I^{-1}), then
     C_g (if a subsample workflow is simulated).
 
@@ -377,7 +378,7 @@ def build_noise(spec: _Spec) -> Callable[[jax.Array], jax.Array]:
     rows, G, d, dt = spec.noise_rows, spec.generations, spec.d, jnp.dtype(spec.dtype)
 
     def noise(keys: jax.Array) -> jax.Array:
-        return jax.vmap(lambda k: jax.random.normal(k, (G, rows, d), dt))(keys)
+        return jax.vmap(lambda k: _random.normal(k, (G, rows, d), dt))(keys)
 
     return noise
 
