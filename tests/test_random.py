@@ -1,4 +1,4 @@
-"""Uniforms and normals by inversion: float64 references (scipy) and Monte Carlo laws within 5 SE."""
+"""Uniforms and normals by inversion: float64 references (scipy), laws within 5 SE."""
 
 import jax
 import jax.numpy as jnp
