@@ -8,7 +8,8 @@
 Sections, in this order, all in one process (memory probes excepted):
 
 1. **ceilings**: this machine's bulk rates: normal draws per second (numpy
-   PCG64 ziggurat; JAX philox4x32 and threefry2x32; float64 and float32) and
+   PCG64 ziggurat; JAX's and the engine's generators with philox4x32 and
+   threefry2x32 keys; float64 and float32) and
    large square matmul FLOP/s (numpy and JAX; float64 and float32).
 2. **grid**: for model {ols, logistic} x workflow {discard, augment,
    subsample} x design {fresh, fixed} x (n, d) in {(100, 10), (1000, 10),
@@ -62,6 +63,7 @@ import ctypes  # noqa: E402
 import datetime  # noqa: E402
 import fnmatch  # noqa: E402
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -80,6 +82,7 @@ from bench_engine import (  # noqa: E402
 from numpy_baselines import simulate_loop, simulate_vectorized  # noqa: E402
 
 import collapse_jax  # noqa: E402
+from collapse_jax import _random  # noqa: E402
 
 G = 50
 SHAPES = ((100, 10), (1000, 10), (100, 50))
@@ -215,6 +218,7 @@ def measure_ceilings(normal_size: int, matmul_size: int, repeats: int = 3) -> li
 
     Normal draws: `normal_size` standard normals in one call (numpy
     ``Generator(PCG64).standard_normal(out=...)``; JAX ``jax.random.normal``
+    and the engine's ``collapse_jax._random.normal`` (impl ``<key>-ndtri``),
     jitted, with philox4x32 and threefry2x32 typed keys, compile excluded).
     Matmul: an m x m by m x m product, m = `matmul_size`, counted as 2 m^3
     FLOPs (numpy ``np.matmul(out=...)``; JAX jitted ``jnp.matmul``).  Best of
@@ -236,12 +240,15 @@ def measure_ceilings(normal_size: int, matmul_size: int, repeats: int = 3) -> li
                      repeats)
         out.append({"kind": "normal", "library": "numpy", "impl": "pcg64-ziggurat",
                     "dtype": dtype, "size": normal_size, **t, "rate": normal_size / t["wall_s"]})
-        for impl in ("philox4x32", "threefry2x32"):
+        generators = {"jax": jax.random.normal, "collapse_jax": _random.normal}
+        for (library, draw), impl in itertools.product(generators.items(),
+                                                        ("philox4x32", "threefry2x32")):
             key = jax.random.key(0, impl=impl)
-            f = jax.jit(lambda k, dt=dtype: jax.random.normal(k, (normal_size,), jnp.dtype(dt)))
+            f = jax.jit(lambda k, dt=dtype, draw=draw: draw(k, (normal_size,), jnp.dtype(dt)))
             f(key).block_until_ready()  # compile
             t = _best_of(lambda f=f, key=key: f(key).block_until_ready(), repeats)
-            out.append({"kind": "normal", "library": "jax", "impl": impl, "dtype": dtype,
+            name = impl if library == "jax" else f"{impl}-ndtri"
+            out.append({"kind": "normal", "library": library, "impl": name, "dtype": dtype,
                         "size": normal_size, **t, "rate": normal_size / t["wall_s"]})
     m = matmul_size
     flops = 2.0 * m**3
@@ -381,7 +388,7 @@ class Runner:
                                               np.nan))) if cfg.model == "logistic" else 0.0
         work = work_per_fit(cfg, steps if math.isfinite(steps) else 0.0)
         nrm_ceiling = ceiling(self.ceilings, "normal", cfg.dtype)
-        own_ceiling = ceiling(self.ceilings, "normal", cfg.dtype, impl=cfg.prng)
+        own_ceiling = ceiling(self.ceilings, "normal", cfg.dtype, impl=f"{cfg.prng}-ndtri")
         flop_ceiling = ceiling(self.ceilings, "matmul", cfg.dtype)
         row = {
             "name": name, "model": cfg.model, "workflow": cfg.workflow, "design": cfg.design,
@@ -505,7 +512,7 @@ def measure_limit(engine_draws: tuple[int, ...], numpy_draws: int, ceilings: lis
     warm = limit_monte_carlo(base.replace(draws=base.block_size))
     compile_s = warm.compile_time
     normals_per_draw = LIMIT_G * 2  # Z_g and C_g (d = 1, V = I^{-1}: no R_g)
-    nrm = ceiling(ceilings, "normal", "float64", impl="threefry2x32")
+    nrm = ceiling(ceilings, "normal", "float64", impl="threefry2x32-ndtri")
     nrm_best = ceiling(ceilings, "normal", "float64")
 
     with peak_rss() as mem:

@@ -33,7 +33,7 @@ def ceilings():
 def test_ceilings_are_positive_and_finite(ceilings):
     out = ceilings
     kinds = {(c["kind"], c["library"], c["impl"], c["dtype"]) for c in out}
-    assert len(kinds) == len(out) == 10  # 2 dtypes x (3 normal generators + 2 matmuls)
+    assert len(kinds) == len(out) == 14  # 2 dtypes x (5 normal generators + 2 matmuls)
     for c in out:
         assert math.isfinite(c["rate"]) and c["rate"] > 0, c
         assert c["wall_s"] > 0 and c["cpu_s"] >= 0, c
@@ -97,7 +97,7 @@ def test_ceilings_only_run_writes_the_documented_record(tmp_path, capsys, monkey
     record = json.loads(path.read_text())
     assert set(record) == RECORD_KEYS
     assert record["mode"] == "quick" and record["cases"] == [] and record["targets"] == []
-    assert len(record["ceilings"]) == 10
+    assert len(record["ceilings"]) == 14
     assert record["environment"]["loadavg_start"] is not None
     assert "== ceilings" in capsys.readouterr().out
 
