@@ -954,11 +954,11 @@ def main(argv: list[str] | None = None) -> dict:
     ceilings = measure_ceilings(mode["normal_size"], mode["matmul_size"],
                                 repeats=3 if args.quick else 5)
     print(f"\n== ceilings (best of calls; {time.perf_counter() - t0:.0f} s)")
-    print(f"{'kind':7} {'library':7} {'impl':15} {'dtype':8} {'size':>9} {'rate':>12} "
+    print(f"{'kind':7} {'library':12} {'impl':18} {'dtype':8} {'size':>9} {'rate':>12} "
           f"{'cpu/wall':>8}")
     for c in ceilings:
         unit = "normals/s" if c["kind"] == "normal" else "FLOP/s"
-        print(f"{c['kind']:7} {c['library']:7} {c['impl']:15} {c['dtype']:8} {c['size']:>9} "
+        print(f"{c['kind']:7} {c['library']:12} {c['impl']:18} {c['dtype']:8} {c['size']:>9} "
               f"{c['rate']:>12.3g} {c['cpu_s'] / c['wall_s']:>8.2f}  {unit}")
 
     runner = Runner(repeats, 0 if args.no_loop else loop_r, ceilings)
