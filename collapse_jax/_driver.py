@@ -190,6 +190,25 @@ def fingerprint(config: SimulationConfig, design_matrix=None) -> str:
     return h.hexdigest()[:16]
 
 
+# The modules whose source, with the config, fixes a run's numbers (see `code_hash`).
+_NUMERIC_MODULES = (
+    "_config", "_data", "_engine", "_estimators", "_models", "_random", "_small_linalg",
+    "_statistics", "_driver",
+)
+
+
+def code_hash() -> str:
+    """Hash of what, besides the config, fixes the numbers: the source of the numeric
+    modules of collapse_jax and the jax and jaxlib versions."""
+    import jaxlib
+
+    here = Path(__file__).parent
+    h = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__}".encode())
+    for name in _NUMERIC_MODULES:
+        h.update((here / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _load_checkpoint(path: Path, fp: str, force: bool):
     if not path.exists():
         return None
@@ -199,6 +218,14 @@ def _load_checkpoint(path: Path, fp: str, force: bool):
                 return None
             raise ValueError(f"{path.parent} holds a run of a different configuration; "
                              "choose another output directory or pass force=True (--force)")
+        code = str(z["code"]) if "code" in z.files else "none"
+        if code != code_hash():
+            if force:
+                return None
+            raise ValueError(
+                f"{path.parent} was started by other collapse_jax code or another JAX version "
+                f"(code hash {code}, now {code_hash()}): resuming would mix their numbers; "
+                "choose another output directory or pass force=True (--force)")
         m = Moments(z["count"], z["sum"], z["outer"])
         return int(z["blocks_done"]), m, z["failed"], z["iterations"], z["metrics"]
 
@@ -208,8 +235,8 @@ def _save_checkpoint(path: Path, fp: str, blocks_done: int, m: Moments, failed, 
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, fingerprint=fp, blocks_done=blocks_done, count=m.count, sum=m.sum, outer=m.outer,
-             failed=failed, iterations=iterations, metrics=metrics)
+    np.savez(buf, fingerprint=fp, code=code_hash(), blocks_done=blocks_done, count=m.count,
+             sum=m.sum, outer=m.outer, failed=failed, iterations=iterations, metrics=metrics)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -266,8 +293,9 @@ def simulate(
       the line instead.
     - `out`: directory for `summary.csv`, `coordinates.csv`, `run.json` and a
       resumable checkpoint (`checkpoint.npz`, rewritten atomically after every
-      block; rerunning the same config resumes from it; a different config
-      is refused unless `force`, which starts afresh).
+      block; rerunning the same config resumes from it; a different config,
+      or a checkpoint of other collapse_jax code or JAX (`code_hash`), is
+      refused unless `force`, which starts afresh).
     - `devices`: devices per process that run blocks at once (default: every
       local device; a single process uses at most one per block).  Not part
       of the results: a checkpoint written with one count resumes with any

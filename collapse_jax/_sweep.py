@@ -45,7 +45,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._config import SimulationConfig
-from ._driver import SUMMARY_COLUMNS, bytes_per_trajectory, default_block_size, fingerprint
+from ._driver import (
+    SUMMARY_COLUMNS,
+    bytes_per_trajectory,
+    code_hash,
+    default_block_size,
+    fingerprint,
+)
 from ._io import write_csv, write_json
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SimulationConfig))
@@ -60,12 +66,6 @@ _TOP_KEYS = OPTION_KEYS + ("grid",)
 _VECTOR_DEPTH = {"theta0": 1, "feature_cov": 2}
 # Keys that never become summary.csv columns: they do not change the numbers.
 _SILENT = ("block_size",)
-# The modules whose source fixes a cell's numbers (see `code_hash`).
-_NUMERIC_MODULES = (
-    "_config", "_data", "_engine", "_estimators", "_models", "_statistics", "_driver",
-)
-
-
 def _did_you_mean(key: str, allowed) -> str:
     hint = difflib.get_close_matches(key, list(allowed), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -393,19 +393,6 @@ def write_summary(out: Path, sweep: SweepConfig,
 
 
 _OWNED = ("results.jsonl", "summary.csv", "sweep.json", "cells", "plots")
-
-
-def code_hash() -> str:
-    """Hash of what, besides the config, fixes the numbers: the source of the numeric
-    modules of collapse_jax and the jax and jaxlib versions."""
-    import jax
-    import jaxlib
-
-    here = Path(__file__).parent
-    h = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__}".encode())
-    for name in _NUMERIC_MODULES:
-        h.update((here / f"{name}.py").read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _open_store(out: Path, sweep: SweepConfig, force: bool) -> None:

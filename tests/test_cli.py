@@ -122,3 +122,19 @@ def test_other_config_in_same_dir_is_refused_unless_forced(tmp_path):
     r = cj.simulate(cfg.replace(seed=1), out=tmp_path, force=True)
     assert json.loads((tmp_path / "run.json").read_text())["config"]["seed"] == 1
     assert r.summary.count[0] == 50
+
+
+def test_checkpoint_of_other_code_is_refused_unless_forced(tmp_path):
+    """A sampler change (e.g. how normals are drawn) changes every number: a checkpoint
+    written by other collapse_jax code or JAX must not be resumed into a mixed result."""
+    cfg = cj.SimulationConfig(n=10, d=2, generations=2, trajectories=50)
+    first = cj.simulate(cfg, out=tmp_path)
+    ckpt = tmp_path / "checkpoint.npz"
+    with np.load(ckpt) as z:
+        saved = {k: z[k] for k in z.files}
+    assert str(saved["code"]) == cj._driver.code_hash()
+    np.savez(ckpt, **{**saved, "code": np.str_("0123456789abcdef")})
+    with pytest.raises(ValueError, match="other collapse_jax code"):
+        cj.simulate(cfg, out=tmp_path)
+    again = cj.simulate(cfg, out=tmp_path, force=True)  # recomputed from the start
+    np.testing.assert_array_equal(again.summary.variance_ratio, first.summary.variance_ratio)
