@@ -21,7 +21,10 @@ mass; use float64 for tail-sensitive work (the engine's default).
 Determinism: each function is a pure function of its key, and for a
 counter-based key (threefry, philox) element i of a draw depends only on
 the key and i, so the leading entries of a longer draw are those of a
-shorter one.  Not bit-identical to ``jax.random.normal`` for the same key.
+shorter one.  For the same key, `normal` inverts the same 52 random bits
+as float64 ``jax.random.normal`` (which maps them to the left edge of their
+grid cell, this to its midpoint), so the two agree to ~1e-10 absolute
+(measured on 10^6 draws, philox and threefry), not bit for bit.
 """
 
 from __future__ import annotations
