@@ -11,6 +11,7 @@ run at once, one per device, and are merged in the same block order
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -197,9 +198,10 @@ _NUMERIC_MODULES = (
 )
 
 
+@functools.cache
 def code_hash() -> str:
     """Hash of what, besides the config, fixes the numbers: the source of the numeric
-    modules of collapse_jax and the jax and jaxlib versions."""
+    modules of collapse_jax and the jax and jaxlib versions (read once per process)."""
     import jaxlib
 
     here = Path(__file__).parent

@@ -66,6 +66,8 @@ _TOP_KEYS = OPTION_KEYS + ("grid",)
 _VECTOR_DEPTH = {"theta0": 1, "feature_cov": 2}
 # Keys that never become summary.csv columns: they do not change the numbers.
 _SILENT = ("block_size",)
+
+
 def _did_you_mean(key: str, allowed) -> str:
     hint = difflib.get_close_matches(key, list(allowed), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
