@@ -47,6 +47,15 @@ class Moments(NamedTuple):
     outer: jax.Array  # shape=(G, 4d, 4d), dtype=float64: sum of f_g f_g^T.
 
 
+def features(delta: jax.Array, delta_1: jax.Array) -> jax.Array:
+    """The feature vector f_g = [delta_g, delta_g**2, delta_1, delta_1**2] of the module docstring.
+
+    `delta` (theta_g - theta_ref) and `delta_1` (theta_1 - theta_ref): equal
+    shapes (..., d).  Returns shape (..., 4 d), their dtype.
+    """
+    return jnp.concatenate([delta, delta * delta, delta_1, delta_1 * delta_1], axis=-1)
+
+
 def block_moments(delta: jax.Array, weight: jax.Array) -> Moments:
     """Reduce one block of trajectories to `Moments`.
 
@@ -63,9 +72,8 @@ def block_moments(delta: jax.Array, weight: jax.Array) -> Moments:
     # Generation-major layout: the outer products become one batched matmul over g.
     delta = jnp.swapaxes(delta.astype(jnp.float64), 0, 1)  # (G, R, d)
     w = jnp.swapaxes(weight.astype(jnp.float64), 0, 1)  # (G, R)
-    d1 = jnp.broadcast_to(delta[:1], delta.shape)
     # Weights are 0/1, so sum_r w f f^T = (w f)^T (w f): one operand, ~30% faster than two.
-    fw = jnp.concatenate([delta, delta * delta, d1, d1 * d1], axis=-1) * w[..., None]
+    fw = features(delta, jnp.broadcast_to(delta[:1], delta.shape)) * w[..., None]
     outer = jax.lax.dot_general(fw, fw, (((1,), (1,)), ((0,), (0,))))
     return Moments(count=w.sum(1), sum=fw.sum(1), outer=outer)
 
