@@ -97,10 +97,19 @@ def bytes_per_trajectory(config: SimulationConfig) -> int:
 
 
 def default_block_size(config: SimulationConfig) -> int:
-    """Trajectories per block: a power of two with the block's arrays within ~256 MB."""
-    size = max(1, (256 * 2**20) // bytes_per_trajectory(config))
-    size = min(size, 2**14, max(1, config.trajectories))
-    return 1 << (size.bit_length() - 1) if size & (size - 1) else size
+    """Trajectories per block: the run split into equal blocks of at most a cap.
+
+    The cap is the largest power of two (at most 2^14) whose block arrays fit
+    in ~256 MB (`bytes_per_trajectory`); the trajectories are then split into
+    the fewest blocks of at most the cap, of equal size, so the last block
+    pads fewer than one trajectory per block (20 trajectories under a cap of
+    16 run as 2 blocks of 10, not 2 of 16).  Results do not depend on it.
+    """
+    cap = min(max(1, (256 * 2**20) // bytes_per_trajectory(config)), 2**14)
+    cap = 1 << (cap.bit_length() - 1)
+    trajectories = max(1, config.trajectories)
+    blocks = -(-trajectories // cap)
+    return -(-trajectories // blocks)
 
 
 def _params(config: SimulationConfig, design_matrix) -> ModelParams:

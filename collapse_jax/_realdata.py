@@ -250,7 +250,7 @@ def build_trajectory(spec: KernelSpec):
                 targets, weights = counts / gf, gf * ones
             else:
                 pool = pool.at[g - 1].set(y_new)
-                idx = _sample_without_replacement(ks, n, g * n)
+                idx = _sample_without_replacement(ks, n, g * n, G * n)
                 x = data.x[idx % n]
                 targets = jax.nn.one_hot(pool.reshape(G * n)[idx], K, dtype=dtype)
             # A trajectory whose fit failed is over; under vmap its lane would still run

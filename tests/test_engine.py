@@ -91,6 +91,26 @@ def test_subsample_plateaus_above_augment():
     assert sub.variance_ratio[g] < 0.5 * 6  # far below discard's g
 
 
+def test_large_n_subsample_uses_first_distinct_and_approaches_limit():
+    """At n = FIRST_DISTINCT_FROM the engine samples with `_first_distinct`.
+
+    Fresh-design OLS subsample against the limit ratios (1, 1.75, 2.083),
+    with the O(g/n) allowance of the test above; sampling with replacement
+    instead would give (1, 2.25, 2.472), outside the tolerance at g = 2.
+    """
+    from collapse_jax import _engine
+    from collapse_jax._limit import limit_ratio
+
+    n, G = _engine.FIRST_DISTINCT_FROM, 3
+    cfg = cj.SimulationConfig(model="ols", workflow="subsample", design="fresh", n=n, d=1,
+                              generations=G, trajectories=8000, seed=14)
+    s = cj.simulate(cfg).summary
+    target = limit_ratio("subsample", G)
+    within(s.variance_ratio, s.variance_ratio_se, target, extra=20 * target / n)
+    replace = limit_ratio("subsample-replace", G)
+    assert abs(s.variance_ratio[1] - replace[1]) > 5 * s.variance_ratio_se[1] + 20 * replace[1] / n
+
+
 @pytest.mark.parametrize("workflow", ["augment", "subsample"])
 def test_block_size_does_not_change_results(workflow):
     base = dict(model="logistic", workflow=workflow, design="fresh", n=40, d=2, generations=4,
@@ -179,21 +199,27 @@ def test_sufficient_statistics_match_explicit_data_beyond_variance(workflow):
         assert np.all(np.abs(diff) < 5 * se), (k, diff / se)
 
 
-def test_sample_without_replacement_is_uniform_over_subsets():
-    """Floyd's algorithm: distinct indices in range, every n-subset equally likely.
+@pytest.mark.parametrize("method", ["floyd", "first_distinct"])
+def test_sample_without_replacement_is_uniform_over_subsets(method):
+    """Both samplers: distinct indices in range, every n-subset equally likely.
 
     n = 2 of size 5: 10 subsets, each with probability 1/10;
     counts over N draws are checked within 5 binomial SE, and the chi-square
-    statistic against its 9 degrees of freedom.
+    statistic against its 9 degrees of freedom.  Then n = 100 of 250, each
+    index included with probability 2/5, and (for the rounds of
+    `_first_distinct`) n = 100 of 100: the whole pool.
     """
-    from collapse_jax._engine import _sample_without_replacement
+    from collapse_jax import _engine
+
+    def draw(n, size, keys):
+        if method == "floyd":
+            one = lambda k: _engine._floyd(k, n, jnp.asarray(size))  # noqa: E731
+        else:
+            one = lambda k: _engine._first_distinct(k, n, jnp.asarray(size), 2 * size)  # noqa: E731
+        return np.asarray(jax.jit(jax.vmap(one))(keys))
 
     n, size, N = 2, 5, 40_000
     keys = jax.random.split(jax.random.key(2, impl="philox4x32"), N)
-    def draw(n, size, keys):
-        f = jax.vmap(lambda k: _sample_without_replacement(k, n, jnp.asarray(size)))
-        return np.asarray(jax.jit(f)(keys))
-
     idx = draw(n, size, keys)
     assert idx.min() >= 0 and idx.max() < size and np.all(idx[:, 0] != idx[:, 1])
     code = np.sort(idx, axis=1) @ np.array([size, 1])
@@ -211,3 +237,20 @@ def test_sample_without_replacement_is_uniform_over_subsets():
     freq = np.bincount(idx.ravel(), minlength=250) / len(idx)
     q = 100 / 250
     assert np.all(np.abs(freq - q) < 5 * np.sqrt(q * (1 - q) / len(idx)))
+    # The whole pool: every row is a permutation of range(100).
+    idx = draw(100, 100, keys[:50])
+    assert np.all(np.sort(idx, axis=1) == np.arange(100))
+
+
+def test_sample_without_replacement_picks_the_sampler_by_n():
+    """The dispatch: `_floyd` below `FIRST_DISTINCT_FROM`, `_first_distinct` from it."""
+    from collapse_jax import _engine
+
+    key = jax.random.key(4, impl="philox4x32")
+    for n in (_engine.FIRST_DISTINCT_FROM - 1, _engine.FIRST_DISTINCT_FROM):
+        size = jnp.asarray(3 * n)
+        got = _engine._sample_without_replacement(key, n, size, 4 * n)
+        want = (_engine._floyd(key, n, size) if n < _engine.FIRST_DISTINCT_FROM
+                else _engine._first_distinct(key, n, size, 4 * n))
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+        assert len(set(np.asarray(got).tolist())) == n

@@ -138,7 +138,7 @@ def test_iteration_one_and_kernel_paths_match_numpy(tiny, tiny_runs):
                     th = numpy_newton(np.vstack([x] * g), np.concatenate(labels))
                 else:
                     pool = np.concatenate(labels)
-                    idx = np.asarray(_sample_without_replacement(ks, n, jnp.asarray(g * n)))
+                    idx = np.asarray(_sample_without_replacement(ks, n, jnp.asarray(g * n), G * n))
                     assert len(set(idx.tolist())) == n and idx.max() < g * n
                     th = numpy_newton(x[idx % n], pool[idx])
                 loss, acc = log_loss(xt, yt, th)
