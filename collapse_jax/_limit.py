@@ -353,10 +353,13 @@ def limit_params(config: LimitConfig) -> LimitParams:
 
 
 def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
-    # Multiply-and-sum instead of a dot: d is small, and this fuses with the
-    # rest of the step under vmap (a batched dot does not).
-    m = m.reshape((1,) * (v.ndim - 1) + m.shape)
-    return jnp.sum(m * v[..., None, :], axis=-1)
+    """m (d, d) times v (..., d, R) along d, for R trajectories: shape (..., d, R).
+
+    Multiply-and-sum instead of a dot: d is small, and this fuses with the
+    rest of the step (a batched dot does not).
+    """
+    m = m.reshape((1,) * (v.ndim - 2) + m.shape + (1,))
+    return jnp.sum(m * v[..., None, :, :], axis=-2)
 
 
 def build_noise(spec: _Spec) -> Callable[[jax.Array], jax.Array]:
@@ -389,9 +392,10 @@ def build_step(
     """One generation of the limit process, every workflow of `spec`, a batch of trajectories.
 
     Returns `step(params, state, noise, g) -> state`: `state` the `LimitState`
-    after generation g - 1 (arrays (R, W, d) for R trajectories), `noise`
-    shape (R, k, d) standard normals (rows as in `build_noise`), `g` the
-    generation (uint32 scalar, 1-based).  Implements
+    after generation g - 1 (arrays (W, d, R) for R trajectories: the
+    trajectories are the minor axis, so every operation is a contiguous
+    vector operation), `noise` shape (k, d, R) standard normals (rows as in
+    `build_noise`), `g` the generation (uint32 scalar, 1-based).  Implements
     W_T(g) = Z_g + I U_{g-1}, P_g = I^{-1} W_T(g) + R_g and the workflow
     updates of the module docstring, for all W workflows at once: each
     workflow's update is a where/scale over the workflow axis, the same
@@ -399,13 +403,13 @@ def build_step(
     """
     dt = jnp.dtype(spec.dtype)
     workflows = np.asarray(spec.workflows)
-    discard = jnp.asarray(workflows == "discard")[None, :, None]  # (1, W, 1)
-    sub = jnp.asarray(workflows == "subsample", dt)[None, :, None]
-    rep = jnp.asarray(workflows == "subsample-replace", dt)[None, :, None]
+    discard = jnp.asarray(workflows == "discard")[:, None, None]  # (W, 1, 1)
+    sub = jnp.asarray(workflows == "subsample", dt)[:, None, None]
+    rep = jnp.asarray(workflows == "subsample-replace", dt)[:, None, None]
 
     def step(params: LimitParams, state: LimitState, noise: jax.Array, g: jax.Array) -> LimitState:
-        def row(i):  # (R, 1, d): broadcast over the workflows
-            return noise[:, None, i, :]
+        def row(i):  # (1, d, R): broadcast over the workflows
+            return noise[None, i]
 
         z = _matvec(params.score_sqrt, row(0))  # Z_g ~ N(0, I), shared by the workflows
         w_t = z + _matvec(params.fisher, state.estimate)  # W_T(g) = Z_g + I U_{g-1}
@@ -427,7 +431,7 @@ def _scan_generations(spec: _Spec, params: LimitParams, noise: jax.Array, emit):
     """Run the recursion over generations for a batch of trajectories.
 
     `noise` (R, G, k, d) from `build_noise`; after every generation,
-    ``emit(U_g, U_1) -> y`` (arrays (R, W, d)); returns the ``y`` stacked
+    ``emit(U_g, U_1) -> y`` (arrays (W, d, R)); returns the ``y`` stacked
     along a leading generation axis.
     """
     step = build_step(spec)
@@ -439,10 +443,10 @@ def _scan_generations(spec: _Spec, params: LimitParams, noise: jax.Array, emit):
         u1 = jnp.where(x[1] == 1, state.estimate, u1)
         return (state, u1), emit(state.estimate, u1)
 
-    zero = jnp.zeros((R, W, d), dt)
+    zero = jnp.zeros((W, d, R), dt)
     g = jnp.arange(1, spec.generations + 1, dtype=jnp.uint32)
-    # Generation-major noise: each step reads one contiguous (R, k, d) slice.
-    xs = (jnp.swapaxes(noise, 0, 1), g)
+    # Generation-major, trajectory-minor noise: each step reads one contiguous (k, d, R) slice.
+    xs = (jnp.transpose(noise, (1, 2, 3, 0)), g)
     _, ys = jax.lax.scan(body, (LimitState(zero, zero), zero), xs)
     return ys
 
@@ -464,7 +468,7 @@ def build_trajectories(spec: _Spec) -> Callable[[jax.Array, jax.Array, LimitPara
 
     def trajectories(key: jax.Array, draws: jax.Array, params: LimitParams) -> jax.Array:
         u = _scan_generations(spec, params, noise_fn(_draw_keys(key, draws)), lambda u, u1: u)
-        return jnp.transpose(u, (1, 2, 0, 3))  # (G, R, W, d) -> (R, W, G, d)
+        return jnp.transpose(u, (3, 1, 0, 2))  # (G, W, d, R) -> (R, W, G, d)
 
     return trajectories
 
@@ -514,11 +518,15 @@ def build_block(spec: _Spec) -> Callable[[jax.Array, jax.Array, jax.Array, Limit
                 # one (W k) x (W k) Gram matrix whose diagonal blocks are the
                 # workflows' outer sums (the off-diagonal blocks are wasted, but
                 # one plain matmul beats a batched one at these sizes).
-                f = features(u.astype(jnp.float64), u1.astype(jnp.float64))
-                fw = (f * weight[:, None, None]).reshape(_CHUNK, W * k)  # weights are 0/1
-                gram = (fw.T @ fw).reshape(W, k, W, k)
+                f = features(
+                    jnp.swapaxes(u.astype(jnp.float64), -1, -2),
+                    jnp.swapaxes(u1.astype(jnp.float64), -1, -2),
+                )  # (W, R, k)
+                f = jnp.swapaxes(f, -1, -2) * weight[None, None, :]  # (W, k, R); weights 0/1
+                fw = f.reshape(W * k, _CHUNK)
+                gram = (fw @ fw.T).reshape(W, k, W, k)
                 outer = jnp.stack([gram[w, :, w, :] for w in range(W)])
-                return fw.sum(0).reshape(W, k), outer
+                return fw.sum(1).reshape(W, k), outer
 
             sums, outer = _scan_generations(spec, params, noise, emit)  # (G, W, ...)
             count = jnp.broadcast_to(weight.sum(), (W, spec.generations))
