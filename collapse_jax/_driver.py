@@ -27,7 +27,14 @@ import numpy as np
 
 from ._config import SimulationConfig
 from ._data import ModelParams
-from ._engine import BlockResult, StaticSpec, Trajectory, build_block, build_trajectories
+from ._engine import (
+    FIRST_DISTINCT_FROM,
+    BlockResult,
+    StaticSpec,
+    Trajectory,
+    build_block,
+    build_trajectories,
+)
 from ._io import atomic_write_bytes, environment, write_csv, write_json
 from ._models import metric_names
 from ._scaling import Layout
@@ -93,6 +100,8 @@ def bytes_per_trajectory(config: SimulationConfig) -> int:
             per += 3 * item * G * n * (d + 1)  # the pool and its gathered/weighted copies
         elif config.workflow != "discard":
             per += 2 * item * G * n
+        if config.workflow == "subsample" and n >= FIRST_DISTINCT_FROM:
+            per += 4 * G * n  # the sampler's first-occurrence slots (int32)
     return per
 
 

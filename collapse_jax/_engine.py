@@ -267,6 +267,9 @@ def build_trajectory(spec: StaticSpec):
                 else:
                     size = g * n
                     if spec.workflow == "subsample":
+                        # Generation 1's draw is discarded below; a pool of >= 2n keeps
+                        # `_first_distinct` from collecting all n of n (~ln n rounds).
+                        size = jnp.maximum(size, min(2 * n, G * n))
                         idx = _sample_without_replacement(ks, n, size, G * n)
                     else:
                         idx = jax.random.randint(ks, (n,), 0, size)
