@@ -37,7 +37,7 @@ import numpy as np
 
 from ._config import MODELS, WORKFLOWS
 from ._io import atomic_write_bytes, environment, write_csv, write_json
-from ._limit import LimitConfig, LimitResult, limit_monte_carlo, limit_ratio
+from ._limit import _CHUNK, LimitConfig, LimitResult, limit_monte_carlo, limit_ratio
 
 DEFAULT_BLOCK = 62_500
 CSV_COLUMNS = (
@@ -159,8 +159,9 @@ def _configs(args: argparse.Namespace) -> tuple[LimitConfig, list[Any]]:
     if args.max_draws is not None and args.max_draws < args.draws:
         raise ValueError(f"--max-draws ({args.max_draws}) is below --draws ({args.draws})")
     block = args.block_size
-    if block is None:  # small runs: one block of whole 500-draw chunks, not 62,500 mostly padding
-        block = min(DEFAULT_BLOCK, -(-args.draws // 500) * 500) if args.draws > 0 else DEFAULT_BLOCK
+    if block is None:  # small runs: one block of whole chunks, not 62,500 mostly padding
+        whole = -(-args.draws // _CHUNK) * _CHUNK
+        block = min(DEFAULT_BLOCK, whole) if args.draws > 0 else DEFAULT_BLOCK
     config = LimitConfig(
         workflows=WORKFLOWS,
         generations=args.generations,

@@ -122,7 +122,7 @@ class LimitConfig:
     - `block_size`: draws per compiled call (one host merge and progress line
       each).  Results do not depend on it beyond float64 rounding of the
       merged sums.  Memory does not grow with it: a block runs in chunks of
-      500 draws.  The default 62,500 divides 10^6.
+      2,500 draws.  The default 62,500 divides 10^6.
     - `dtype`: ``"float64"`` (default) or ``"float32"`` for the noises and the
       recursion; the moment sums are float64 either way.
     """
