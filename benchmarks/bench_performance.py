@@ -122,7 +122,7 @@ MODES = {
                   grid=QUICK_GRID),
     "default": dict(trajectories=10_000, repeats=3, loop=5, sweep_r=(1_000, 10_000, 100_000),
                     sweep_n=(100, 1_000, 10_000), limit=(1_000_000, 10_000_000),
-                    numpy_limit=1_000_000, memory=100_000,
+                    numpy_limit=1_000_000, memory=500_000,
                     normal_size=2**23, matmul_size=1024, grid=("grid/*",)),
     "full": dict(trajectories=10_000, repeats=3, loop=10,
                  sweep_r=(1_000, 10_000, 100_000, 1_000_000), sweep_n=(100, 1_000, 10_000),
