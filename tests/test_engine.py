@@ -206,8 +206,8 @@ def test_sample_without_replacement_is_uniform_over_subsets(method):
     n = 2 of size 5: 10 subsets, each with probability 1/10;
     counts over N draws are checked within 5 binomial SE, and the chi-square
     statistic against its 9 degrees of freedom.  Then n = 100 of 250, each
-    index included with probability 2/5, and (for the rounds of
-    `_first_distinct`) n = 100 of 100: the whole pool.
+    index included with probability 2/5, and n = 100 of 100: the whole pool
+    (for `_first_distinct`, rounds until every index has come up).
     """
     from collapse_jax import _engine
 
