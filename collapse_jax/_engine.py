@@ -23,6 +23,7 @@ from ._config import SimulationConfig
 from ._data import ModelParams, ols_error, sample_features, wishart_factor
 from ._estimators import (
     FitResult,
+    glm_newton_pooled,
     gaussian_from_scatter,
     merge_scatter,
     order_keys,
@@ -195,8 +196,12 @@ def build_trajectory(spec: StaticSpec):
         use_pool = spec.workflow in ("subsample", "subsample-replace") or (
             spec.workflow == "augment" and spec.model in ("logistic", "poisson") and fresh
         )
-        pool_x = jnp.zeros((G, n, d), dtype) if (use_pool and fresh) else jnp.zeros((0,), dtype)
-        pool_y = jnp.zeros((G, n), dtype) if (use_pool and not points) else jnp.zeros((0,), dtype)
+        # Pooled augment fits sum over chunks of `chunk` batches: the buffer is padded to whole
+        # chunks (the padding keeps weight 0).
+        chunk = pool_chunk(n, G) if spec.workflow == "augment" else 1
+        slots = -(-G // chunk) * chunk
+        pool_x = jnp.zeros((slots, n, d), dtype) if (use_pool and fresh) else jnp.zeros((0,), dtype)
+        pool_y = jnp.zeros((slots, n), dtype) if (use_pool and not points) else jnp.zeros((0,), dtype)
         a_sum = jnp.zeros((d, d), dtype)
         b_sum = jnp.zeros((d,), dtype)
         y_sum = jnp.zeros((n,), dtype)
@@ -250,20 +255,9 @@ def build_trajectory(spec: StaticSpec):
                 if fresh:
                     pool_x = pool_x.at[g - 1].set(x)
                 if spec.workflow == "augment":
-                    # Fit on a prefix of the pool that holds the g batches, not on the whole
-                    # G-batch buffer: one branch per prefix length (`_pool_prefixes`); g is the
-                    # scan counter, the same for every trajectory, so under vmap the switch
-                    # runs one branch.  Batches past g in the prefix are masked out.
-                    xs, ys = pool_x.reshape(G * n, d), pool_y.reshape(G * n)
-                    prefixes = _pool_prefixes(G)
-
-                    def fit_prefix(batches):
-                        m = batches * n
-                        mask = jnp.repeat((jnp.arange(batches) < g).astype(dtype), n)
-                        return lambda: fit(xs[:m], ys[:m], mask, theta_prev, params)
-
-                    branch = jnp.searchsorted(jnp.asarray(prefixes), g)
-                    res = jax.lax.switch(branch, [fit_prefix(b) for b in prefixes])
+                    # Newton on the g batches of the pool in chunks: work ~ g, not ~ G.
+                    res = glm_newton_pooled(pool_x, pool_y, g, theta_prev,
+                                            spec.max_newton_iterations, spec.model, chunk)
                 else:
                     size = g * n
                     if spec.workflow == "subsample":
@@ -326,16 +320,16 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
     return Trajectory(*out)
 
 
-POOL_BRANCHES = 4
 
 
-def _pool_prefixes(generations: int) -> tuple[int, ...]:
-    """Increasing batch counts, the last = `generations`: the prefix lengths that a pooled
-    fit at generation g uses (the smallest >= g).  `POOL_BRANCHES` of them, so the
-    work averages ~(1/2 + 1/(2 POOL_BRANCHES)) of fitting on the whole buffer, at the
-    price of one compiled copy of the fit per branch."""
-    k = min(POOL_BRANCHES, generations)
-    return tuple(sorted({-(-generations * (i + 1) // k) for i in range(k)}))
+# Pooled fits (logistic/Poisson augment, fresh design) sum their gradient and Hessian
+# over chunks of about this many points (whole batches).
+POOL_CHUNK_POINTS = 1024
+
+
+def pool_chunk(n: int, generations: int) -> int:
+    """Batches per chunk of a pooled fit: ~`POOL_CHUNK_POINTS` points, at least one batch."""
+    return max(1, min(generations, round(POOL_CHUNK_POINTS / n)))
 
 
 # From this sample size on, `_first_distinct` is cheaper than `_floyd` (measured

@@ -129,25 +129,81 @@ def glm_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
     gradient x^T w (y - b'(eta)) - ridge theta, Hessian x^T diag(w b''(eta)) x + diag(ridge).
     `family` is static.
     """
-    if family not in ("logistic", "poisson"):
-        raise ValueError(f"unknown GLM family {family!r}")
+    _check_family(family)
     dtype = x.dtype
     if weights is None:
         weights = jnp.ones(y.shape, dtype)
     if theta_init is None:
         theta_init = jnp.zeros(x.shape[-1], dtype)
-    tol = jnp.sqrt(jnp.finfo(dtype).eps)
+    return _newton(lambda theta: _glm_terms(family, x, y, weights, theta), theta_init,
+                   max_iterations, ridge)
+
+
+def glm_newton_pooled(x_pool: jax.Array, y_pool: jax.Array, batches: jax.Array,
+                      theta_init: jax.Array, max_iterations: int = 50,
+                      family: str = "logistic", chunk: int = 1) -> FitResult:
+    """`glm_newton` (unit weights, no ridge) on the first `batches` of a pool of equal batches.
+
+    The fit of the pooled workflows (augment with fresh features): every
+    Newton step sums the gradient and Hessian over chunks of `chunk` batches,
+    ``ceil(batches / chunk)`` of them, so a fit on g batches costs ~g batches
+    of work however large the buffer, and one compiled step serves every g.
+    The same Newton iterates, stopping rule and failure flags as `glm_newton`
+    on the concatenated first `batches` batches; only the order of the
+    floating-point sums differs (agreement ~1e-15 relative, tested).
+
+    **Arguments:** `x_pool` (P, n, d) and `y_pool` (P, n) with P a multiple of
+    `chunk` (batches past `batches` get weight 0: they must be finite);
+    `batches` () int, 1 <= batches <= P; `theta_init` (d,); `max_iterations`,
+    `family`, `chunk` static.  Under `vmap`, an unbatched `batches` (the
+    generation counter) keeps the chunk loop's trip count the same for every
+    trajectory.
+    """
+    _check_family(family)
+    pool, n, d = x_pool.shape
+    if pool % chunk:
+        raise ValueError(f"pool of {pool} batches is not a multiple of chunk={chunk}")
+    dtype = x_pool.dtype
+    offsets = jnp.arange(chunk)
+
+    def terms(theta):
+        def add_chunk(c, acc):
+            start = c * chunk
+            xs = jax.lax.dynamic_slice_in_dim(x_pool, start, chunk).reshape(chunk * n, d)
+            ys = jax.lax.dynamic_slice_in_dim(y_pool, start, chunk).reshape(chunk * n)
+            w = jnp.repeat((start + offsets < batches).astype(dtype), n)
+            grad, hess = _glm_terms(family, xs, ys, w, theta)
+            return acc[0] + grad, acc[1] + hess
+
+        zero = (jnp.zeros((d,), dtype), jnp.zeros((d, d), dtype))
+        return jax.lax.fori_loop(0, (batches + chunk - 1) // chunk, add_chunk, zero)
+
+    return _newton(terms, theta_init, max_iterations, None)
+
+
+def _check_family(family: str) -> None:
+    if family not in ("logistic", "poisson"):
+        raise ValueError(f"unknown GLM family {family!r}")
+
+
+def _glm_terms(family: str, x, y, weights, theta):
+    """Gradient x^T w (y - b'(eta)) and Hessian x^T diag(w b''(eta)) x at theta."""
+    eta = x @ theta
+    if family == "logistic":
+        p = jax.nn.sigmoid(eta)
+        curvature = weights * p * (1 - p)
+    else:
+        p = jnp.exp(eta)
+        curvature = weights * p
+    return x.T @ (weights * (y - p)), (x * curvature[:, None]).T @ x
+
+
+def _newton(terms, theta_init, max_iterations: int, ridge) -> FitResult:
+    """Newton's method on `terms(theta) -> (gradient, Hessian)` with `glm_newton`'s rules."""
+    tol = jnp.sqrt(jnp.finfo(theta_init.dtype).eps)
 
     def step(theta):
-        eta = x @ theta
-        if family == "logistic":
-            p = jax.nn.sigmoid(eta)
-            curvature = weights * p * (1 - p)
-        else:
-            p = jnp.exp(eta)
-            curvature = weights * p
-        grad = x.T @ (weights * (y - p))
-        hess = (x * curvature[:, None]).T @ x
+        grad, hess = terms(theta)
         if ridge is not None:
             grad = grad - ridge * theta
             hess = hess + jnp.diag(ridge)

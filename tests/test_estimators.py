@@ -67,6 +67,41 @@ def test_logistic_separable_is_flagged_not_nan():
     np.testing.assert_array_equal(np.asarray(res.theta), 0.0)  # the starting value
 
 
+@pytest.mark.parametrize("family", ["logistic", "poisson"])
+@pytest.mark.parametrize("batches,chunk", [(1, 1), (7, 1), (7, 3), (9, 3), (2, 9)])
+def test_pooled_newton_equals_newton_on_the_used_batches(family, batches, chunk):
+    """The chunked pooled fit takes glm_newton's steps on the first `batches` batches
+    only: whatever the later slots hold, the same estimate, step count and flag."""
+    from collapse_jax._estimators import glm_newton, glm_newton_pooled
+
+    rng = np.random.default_rng(batches * 10 + chunk)
+    slots, n, d = 9, 40, 3
+    x = rng.normal(size=(slots, n, d)) / np.sqrt(d)
+    theta = np.array([0.5, -0.3, 0.2])
+    mean = 1 / (1 + np.exp(-x @ theta)) if family == "logistic" else np.exp(x @ theta)
+    y = (rng.uniform(size=(slots, n)) < mean) * 1.0 if family == "logistic" else rng.poisson(mean) * 1.0
+    x[batches:] *= 50.0  # later slots: data that would change the fit if they were used
+    y[batches:] = 1.0 - y[batches:] if family == "logistic" else y[batches:] + 7
+    start = jnp.asarray([0.1, 0.0, -0.1])
+    used = (jnp.asarray(x[:batches].reshape(-1, d)), jnp.asarray(y[:batches].reshape(-1)))
+    ref = glm_newton(*used, None, start, 50, None, family)
+    res = glm_newton_pooled(jnp.asarray(x), jnp.asarray(y), jnp.asarray(batches), start, 50, family, chunk)
+    assert bool(ref.converged) and bool(res.converged)
+    assert int(res.iterations) == int(ref.iterations)
+    np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=1e-13)
+    if family == "logistic":
+        mle = numpy_logistic_mle(np.asarray(used[0]), np.asarray(used[1]))
+        np.testing.assert_allclose(np.asarray(res.theta), mle, rtol=0, atol=1e-9)
+
+
+def test_pooled_newton_rejects_a_pool_not_in_whole_chunks():
+    from collapse_jax._estimators import glm_newton_pooled
+
+    with pytest.raises(ValueError, match="multiple of chunk"):
+        glm_newton_pooled(jnp.zeros((5, 4, 2)), jnp.zeros((5, 4)), jnp.asarray(2), jnp.zeros(2), 50,
+                          "logistic", 2)
+
+
 def test_least_squares_matches_lstsq_and_flags_singular():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(50, 4))
