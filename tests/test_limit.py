@@ -194,6 +194,30 @@ def test_multivariate_with_fisher_information():
         assert np.all(np.abs(s.cov - target) < 5 * se), w
 
 
+def test_multivariate_paths_feed_the_same_moments_as_the_kernel():
+    # d = 3, two workflows, a residual R_g: the kernel's per-workflow sums
+    # (the diagonal blocks of one Gram matrix of every workflow's features)
+    # are block_moments of the paths, entry for entry.
+    fisher = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]])
+    cfg = LimitConfig(
+        workflows=("subsample", "discard"),
+        generations=4,
+        d=3,
+        fisher=fisher,
+        estimator_cov=np.linalg.inv(fisher) + np.diag([0.5, 0.1, 0.3]),
+        draws=3_000,
+        block_size=3_000,
+        seed=5,
+    )
+    assert cfg.has_residual
+    ref = limit_monte_carlo(cfg)
+    paths = limit_trajectories(cfg)
+    for w in cfg.workflows:
+        m = merge_moments(zero_moments(4, 3), block_moments(paths[w], np.ones((3_000, 4))))
+        for a, b in zip(m, ref.moments[w], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9)
+
+
 def test_float32_matches_exact():
     cfg = LimitConfig(
         workflows=("subsample",),
