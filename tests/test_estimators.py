@@ -79,13 +79,17 @@ def test_pooled_newton_equals_newton_on_the_used_batches(family, batches, chunk)
     x = rng.normal(size=(slots, n, d)) / np.sqrt(d)
     theta = np.array([0.5, -0.3, 0.2])
     mean = 1 / (1 + np.exp(-x @ theta)) if family == "logistic" else np.exp(x @ theta)
-    y = (rng.uniform(size=(slots, n)) < mean) * 1.0 if family == "logistic" else rng.poisson(mean) * 1.0
+    if family == "logistic":
+        y = (rng.uniform(size=(slots, n)) < mean) * 1.0
+    else:
+        y = rng.poisson(mean) * 1.0
     x[batches:] *= 50.0  # later slots: data that would change the fit if they were used
     y[batches:] = 1.0 - y[batches:] if family == "logistic" else y[batches:] + 7
     start = jnp.asarray([0.1, 0.0, -0.1])
     used = (jnp.asarray(x[:batches].reshape(-1, d)), jnp.asarray(y[:batches].reshape(-1)))
     ref = glm_newton(*used, None, start, 50, None, family)
-    res = glm_newton_pooled(jnp.asarray(x), jnp.asarray(y), jnp.asarray(batches), start, 50, family, chunk)
+    res = glm_newton_pooled(jnp.asarray(x), jnp.asarray(y), jnp.asarray(batches), start, 50,
+                            family, chunk)
     assert bool(ref.converged) and bool(res.converged)
     assert int(res.iterations) == int(ref.iterations)
     np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=1e-13)
