@@ -320,8 +320,6 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
     return Trajectory(*out)
 
 
-
-
 # Pooled fits (logistic/Poisson augment, fresh design) sum their gradient and Hessian
 # over chunks of about this many points (whole batches).
 POOL_CHUNK_POINTS = 1024

@@ -136,7 +136,7 @@ def glm_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
     if theta_init is None:
         theta_init = jnp.zeros(x.shape[-1], dtype)
     return _newton(lambda theta: _glm_terms(family, x, y, weights, theta), theta_init,
-                   max_iterations, ridge)
+                   max_iterations, ridge, dtype)
 
 
 def glm_newton_pooled(x_pool: jax.Array, y_pool: jax.Array, batches: jax.Array,
@@ -178,7 +178,7 @@ def glm_newton_pooled(x_pool: jax.Array, y_pool: jax.Array, batches: jax.Array,
         zero = (jnp.zeros((d,), dtype), jnp.zeros((d, d), dtype))
         return jax.lax.fori_loop(0, (batches + chunk - 1) // chunk, add_chunk, zero)
 
-    return _newton(terms, theta_init, max_iterations, None)
+    return _newton(terms, theta_init, max_iterations, None, dtype)
 
 
 def _check_family(family: str) -> None:
@@ -198,9 +198,10 @@ def _glm_terms(family: str, x, y, weights, theta):
     return x.T @ (weights * (y - p)), (x * curvature[:, None]).T @ x
 
 
-def _newton(terms, theta_init, max_iterations: int, ridge) -> FitResult:
-    """Newton's method on `terms(theta) -> (gradient, Hessian)` with `glm_newton`'s rules."""
-    tol = jnp.sqrt(jnp.finfo(theta_init.dtype).eps)
+def _newton(terms, theta_init, max_iterations: int, ridge, dtype) -> FitResult:
+    """Newton's method on `terms(theta) -> (gradient, Hessian)` with `glm_newton`'s rules
+    (tolerance from the data's `dtype`)."""
+    tol = jnp.sqrt(jnp.finfo(dtype).eps)
 
     def step(theta):
         grad, hess = terms(theta)
