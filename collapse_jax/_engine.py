@@ -199,7 +199,7 @@ def build_trajectory(spec: StaticSpec):
         # Pooled augment fits sum over chunks of `chunk` batches: the buffer is padded to whole
         # chunks (the padding keeps weight 0).
         chunk = pool_chunk(n, G) if spec.workflow == "augment" else 1
-        slots = -(-G // chunk) * chunk
+        slots = pool_slots(n, G, spec.workflow)
         pool_x = jnp.zeros((slots, n, d), dtype) if (use_pool and fresh) else jnp.zeros((0,), dtype)
         pool_y = jnp.zeros((slots, n), dtype) if (use_pool and not points) else jnp.zeros((0,), dtype)
         a_sum = jnp.zeros((d, d), dtype)
@@ -328,6 +328,12 @@ POOL_CHUNK_POINTS = 1024
 def pool_chunk(n: int, generations: int) -> int:
     """Batches per chunk of a pooled fit: ~`POOL_CHUNK_POINTS` points, at least one batch."""
     return max(1, min(generations, round(POOL_CHUNK_POINTS / n)))
+
+
+def pool_slots(n: int, generations: int, workflow: str) -> int:
+    """Batches the pool buffer holds: `generations`, padded to whole chunks for augment."""
+    chunk = pool_chunk(n, generations) if workflow == "augment" else 1
+    return -(-generations // chunk) * chunk
 
 
 # From this sample size on, `_first_distinct` is cheaper than `_floyd` (measured
