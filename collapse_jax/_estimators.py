@@ -30,13 +30,10 @@ class FitResult(NamedTuple):
 
 
 def _cholesky_ok(chol: jax.Array) -> jax.Array:
-    """Whether a Cholesky factor is finite and not numerically singular.
-
-    The design is declared singular when the squared ratio of the smallest to
-    the largest diagonal entry of the factor (a cheap proxy for 1/cond) falls
-    below d * eps of the dtype.
-    """
-    return conditioning_ok(jnp.diagonal(chol, axis1=-2, axis2=-1), jnp.all(jnp.isfinite(chol)))
+    """Whether a Cholesky factor is finite and not numerically singular (`conditioning_ok`;
+    the factored matrix's diagonal is the squared row norms of the factor)."""
+    return conditioning_ok(jnp.diagonal(chol, axis1=-2, axis2=-1), jnp.all(jnp.isfinite(chol)),
+                           jnp.sum(chol * chol, axis=-1))
 
 
 def solve_normal_equations(xtx: jax.Array, xty: jax.Array, fallback: jax.Array) -> FitResult:

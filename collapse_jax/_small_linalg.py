@@ -23,16 +23,28 @@ from jax.scipy.linalg import cho_solve
 UNROLL_MAX_D = 12
 
 
-def conditioning_ok(diag, finite) -> jax.Array:
-    """Whether a Cholesky factor with diagonal `diag` (d,) is usable.
+def conditioning_ok(diag, finite, scale) -> jax.Array:
+    """Whether a Cholesky factor with diagonal `diag` (d,) of a matrix A is usable.
 
-    Singular when the squared ratio of the smallest to the largest diagonal
-    entry (a cheap proxy for 1/cond) falls below d * eps; `finite` says the
-    factor and solution are finite.
+    Singular when either test fails:
+
+    - the squared ratio of the smallest to the largest diagonal entry (a
+      cheap proxy for 1/cond) falls below d * eps;
+    - some pivot is rounding noise: ``diag[j]^2 <= 10 (d + 1) eps A[j, j]``
+      (`scale` (d,) is A's diagonal).  ``diag[j]^2 / A[j, j]`` is the share of
+      column j not explained by columns 0..j-1 (1 - R^2), which is exactly 0
+      for a dependent column, and which a computed factor puts at most ~(d + 1)
+      eps above 0 (Higham's backward error of Cholesky).  The first test
+      alone passed an exactly singular 2 x 2 covariance whose last pivot came
+      out at 0.8 eps instead of 0 (0 or NaN on other data and backends).
+
+    `finite` says the factor and solution are finite.
     """
+    d = diag.shape[-1]
     eps = jnp.finfo(diag.dtype).eps
     dmin, dmax = jnp.min(diag), jnp.max(diag)
-    return finite & (dmin > 0) & ((dmin / dmax) ** 2 > diag.shape[-1] * eps)
+    pivots_ok = jnp.all(diag * diag > 10 * (d + 1) * eps * scale)
+    return finite & (dmin > 0) & ((dmin / dmax) ** 2 > d * eps) & pivots_ok
 
 
 def spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +62,7 @@ def spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
         chol = jnp.linalg.cholesky(a)
         x = cho_solve((chol, True), b)
         finite = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(x))
-        return x, conditioning_ok(jnp.diagonal(chol), finite)
+        return x, conditioning_ok(jnp.diagonal(chol), finite, jnp.diagonal(a))
     low = [[None] * d for _ in range(d)]  # low[i][j], j <= i: the Cholesky factor
     for j in range(d):
         s = a[j, j]
@@ -80,4 +92,4 @@ def spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     # A non-finite factor entry reaches x through the substitutions (0 * inf = NaN,
     # and the diagonal divides every entry), so x and the diagonal decide finiteness.
     finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(diag))
-    return x, conditioning_ok(diag, finite)
+    return x, conditioning_ok(diag, finite, jnp.stack([a[i, i] for i in range(d)]))
