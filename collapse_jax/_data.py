@@ -10,6 +10,7 @@ implementation (threefry by default).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -57,10 +58,22 @@ def wishart_factor(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> 
     kc, kz = jax.random.split(key)
     df = (n - jnp.arange(d)).astype(chol.dtype)
     chi2 = 2.0 * gamma_large_shape(kc, df / 2)
-    rows, cols = np.tril_indices(d, -1)  # draw only the d(d-1)/2 entries below the diagonal
-    z = _random.normal(kz, (rows.size,), chol.dtype)
-    b = jnp.diag(jnp.sqrt(chi2)).at[rows, cols].set(z)
+    z = _random.normal(kz, (d * (d - 1) // 2,), chol.dtype)  # the entries below the diagonal
+    # Placed by a gather with constant indices, not a scatter: XLA's GPU backend runs
+    # scatters serially under deterministic ops (`_compile`), 4.8x slower for OLS augment.
+    entries = jnp.concatenate([z, jnp.sqrt(chi2), jnp.zeros((1,), chol.dtype)])
+    b = entries[_bartlett_layout(d)]
     return b if isotropic else chol @ b
+
+
+@functools.cache
+def _bartlett_layout(d: int) -> np.ndarray:
+    """(d, d) indices into [z (tril_indices(d, -1) order), sqrt(chi2) (d,), 0] giving B."""
+    layout = np.full((d, d), d * (d - 1) // 2 + d)
+    rows, cols = np.tril_indices(d, -1)
+    layout[rows, cols] = np.arange(rows.size)
+    layout[np.arange(d), np.arange(d)] = d * (d - 1) // 2 + np.arange(d)
+    return layout
 
 
 def ols_error(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
@@ -133,9 +146,13 @@ def _gamma_many(keys: jax.Array, a: jax.Array) -> jax.Array:
         (rows,) = jnp.nonzero(~jnp.all(done, axis=1), size=cap, fill_value=rows_total)
         r = jnp.minimum(rows, rows_total - 1)  # padding rows compute, then are dropped below
         ok, cand = jax.vmap(_gamma_attempt)(keys[r], rounds[r], a[r])
-        value = value.at[rows].set(jnp.where(done[r], value[r], cand), mode="drop")
-        done = done.at[rows].set(done[r] | ok, mode="drop")
-        rounds = rounds.at[rows].add(1, mode="drop")
+        # Padding gets distinct out-of-range rows: all indices unique, so XLA need not
+        # order the writes (its GPU backend serialises scatters that may collide).
+        rows = jnp.where(rows < rows_total, rows, rows_total + jnp.arange(cap))
+        put = dict(mode="drop", unique_indices=True)
+        value = value.at[rows].set(jnp.where(done[r], value[r], cand), **put)
+        done = done.at[rows].set(done[r] | ok, **put)
+        rounds = rounds.at[rows].add(1, **put)
         return done, value, rounds
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s[0]), body, (done, value, rounds))[1]

@@ -399,7 +399,9 @@ def _first_distinct(key, n: int, size, capacity: int):
         first = first.at[c].min(pos, mode="promise_in_bounds")
         new = first.at[c].get(mode="promise_in_bounds") == pos
         slot = have + jnp.cumsum(new, dtype=jnp.int32) - 1
-        out = out.at[jnp.where(new & (slot < n), slot, n)].set(c, mode="drop")
+        # Unique indices (the dropped ones distinct too): no ordered writes needed.
+        put = jnp.where(new & (slot < n), slot, n + j)
+        out = out.at[put].set(c, mode="drop", unique_indices=True)
         return r + 1, jnp.minimum(have + jnp.sum(new, dtype=jnp.int32), n), first, out
 
     big = jnp.iinfo(jnp.int32).max

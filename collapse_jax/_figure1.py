@@ -18,8 +18,8 @@ numbers), optionally overlays the finite-n engine (`simulate`), and writes
 
 Every file is written atomically (temporary file + ``os.replace``).
 Defaults reproduce the paper's figure: G = 100, 10^6 draws, d = 1, float64;
-the Monte Carlo blocks run in ``--workers`` processes (default min(2, CPUs);
-the numbers do not depend on it).
+the Monte Carlo blocks run in ``--workers`` processes (default min(2, CPUs)
+on CPU, 1 on GPU/TPU; the numbers do not depend on it).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,14 @@ import numpy as np
 
 from ._config import MODELS, WORKFLOWS
 from ._io import atomic_write_bytes, environment, write_csv, write_json
-from ._limit import _CHUNK, LimitConfig, LimitResult, limit_monte_carlo, limit_ratio
+from ._limit import (
+    _CHUNK,
+    LimitConfig,
+    LimitResult,
+    default_workers,
+    limit_monte_carlo,
+    limit_ratio,
+)
 
 DEFAULT_BLOCK = 62_500
 CSV_COLUMNS = (
@@ -102,8 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="processes running Monte Carlo blocks (default: min(2, CPUs)); same results for any",
+        default=None,
+        help="processes running Monte Carlo blocks (default: min(2, CPUs) on CPU, 1 on GPU/TPU); "
+        "same results for any",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -152,7 +159,7 @@ def _configs(args: argparse.Namespace) -> tuple[LimitConfig, list[Any]]:
         math.isfinite(args.precision) and 0 < args.precision < 1
     ):
         raise ValueError(f"--precision must be in (0, 1), got {args.precision}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be a positive integer, got {args.workers}")
     if args.max_draws is not None and args.precision is None:
         raise ValueError("--max-draws only applies with --precision")
@@ -291,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
         args.precision,
         max_draws=args.max_draws,
         progress=say or False,
-        workers=args.workers,
+        workers=args.workers or default_workers(),
     )
 
     finite: dict[str, Any] = {}

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _random
+from ._compile import jit
 from ._config import DTYPES, WORKFLOWS, _choice, _positive_int
 from ._statistics import Moments, Summary, features, merge_moments, summarize, zero_moments
 
@@ -550,13 +552,13 @@ def _compiled(spec: _Spec) -> tuple[Any, float]:
     t0 = time.perf_counter()
     eye = jnp.eye(spec.d, dtype=jnp.dtype(spec.dtype))
     args = (jax.random.key(0), jnp.uint32(0), jnp.uint32(1), LimitParams(eye, eye, eye, eye, eye))
-    compiled = jax.jit(build_block(spec)).lower(*args).compile()
+    compiled = jit(build_block(spec)).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_trajectories(spec: _Spec):
-    return jax.jit(build_trajectories(spec))
+    return jit(build_trajectories(spec))
 
 
 # ---------------------------------------------------------------------------
@@ -594,6 +596,11 @@ def _worst(summaries: dict[str, Summary]) -> tuple[float, str]:
         if h.max() > worst:
             worst, where = float(h.max()), w
     return worst, where
+
+
+def default_workers() -> int:
+    """Worker processes for `limit_monte_carlo` by default: min(2, CPUs) on CPU, else 1."""
+    return min(2, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
 
 
 def _blocks(draws: int, block: int, cap: int | None):
@@ -676,6 +683,8 @@ def limit_monte_carlo(
       that many spawned processes (XLA runs this kernel on one CPU thread, so
       on a 2-core machine 2 workers are ~2x faster; each worker imports JAX
       and compiles once, a few seconds).  The result does not depend on it.
+      CPU backend only (`default_workers`): on a GPU two workers ran out of
+      device memory, and one process keeps the device busy.
 
     **Returns:** `LimitResult`.  Deterministic in (config, precision,
     max_draws): the same draws for any block size, summaries equal to
@@ -701,6 +710,11 @@ def limit_monte_carlo(
         )
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if workers > 1 and jax.default_backend() != "cpu":
+        raise ValueError(
+            f"workers={workers} runs blocks in CPU processes; on the {jax.default_backend()} "
+            "backend use workers=1 (one process keeps the device busy, and every worker "
+            "would claim its own share of device memory)")
     say = (
         (lambda s: print(s, file=sys.stderr, flush=True))
         if progress is True

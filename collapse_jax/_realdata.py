@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._compile import jit
 from ._config import _choice, _finite, _positive_int
 from ._datasets import BUILTIN, Dataset, load_csv, load_raw, split_dataset
 from ._engine import _sample_without_replacement, trajectory_keys
@@ -354,7 +355,7 @@ def _real_fit(spec: KernelSpec):
         zeros = jnp.zeros((spec.p, spec.classes - 1), x.dtype)
         return fit_model(spec, x, targets, jnp.ones(spec.n, x.dtype), zeros, ridge)
 
-    return jax.jit(fit)
+    return jit(fit)
 
 
 def _spec(dataset: Dataset, config: RealDataConfig) -> KernelSpec:
@@ -371,7 +372,7 @@ def _compiled_block(spec: KernelSpec, m: int):
     S = jax.ShapeDtypeStruct
     data = RealData(S((spec.n, spec.p), f64), S((spec.n,), i32), S((m, spec.p), f64),
                     S((m,), i32), S((spec.p,), f64), S((spec.p, spec.classes - 1), f64))
-    return jax.jit(build_block(spec)).lower(S((), u32), S((), u32), data).compile()
+    return jit(build_block(spec)).lower(S((), u32), S((), u32), data).compile()
 
 
 def run_workflow(dataset: Dataset, config: RealDataConfig, theta1: np.ndarray,

@@ -32,6 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ._compile import jit
+
 AXIS = "trajectories"
 
 
@@ -317,7 +319,7 @@ def compile_sharded(fn: Callable, args: Sequence[Any], devices: tuple[Any, ...])
     with a two-op program, so a fixed JAX uses Shardy again by itself.
     """
     with _partitioner(shardy=_shardy_compiles_mulhi(devices)):
-        return jax.jit(fn).lower(*args).compile()
+        return jit(fn).lower(*args).compile()
 
 
 @contextlib.contextmanager

@@ -47,9 +47,9 @@ import numpy as np
 from ._config import SimulationConfig
 from ._driver import (
     SUMMARY_COLUMNS,
+    block_cap,
     bytes_per_trajectory,
     code_hash,
-    default_block_size,
     fingerprint,
 )
 from ._io import write_csv, write_json
@@ -145,7 +145,7 @@ class SweepConfig:
     - `name`, `description`: free text for records and plots.
 
     Each cell's block size is fixed up front (the grid's ``block_size`` if
-    given, else ``min(trajectories, default_block_size)``), so that cells of
+    given, else ``min(trajectories, block_cap)``), so that cells of
     equal shape share one compiled kernel; under `precision` the trajectory
     counts are rounded up to whole blocks.
     """
@@ -247,8 +247,7 @@ class SweepConfig:
         kw["trajectories"] = self.trajectories
         cfg = SimulationConfig.from_dict(kw)
         if cfg.block_size is None:
-            cap = default_block_size(cfg.replace(trajectories=2**14))
-            cfg = cfg.replace(block_size=min(cap, self.trajectories))
+            cfg = cfg.replace(block_size=min(block_cap(cfg), self.trajectories))
         if self.precision is not None:
             b = cfg.block_size
             cfg = cfg.replace(trajectories=-(-self.trajectories // b) * b)
@@ -475,8 +474,8 @@ def _rebase_checkpoint(cell_dir: Path, old: SimulationConfig, new: SimulationCon
         blocks = int(z["blocks_done"])
         assert blocks * old.block_size == old.trajectories, "rebasing an unfinished round"
         m = Moments(z["count"], z["sum"], z["outer"])
-        _save_checkpoint(path, fingerprint(new), blocks, m, z["failed"], z["iterations"],
-                         z["metrics"])
+        _save_checkpoint(path, fingerprint(new), old.block_size, blocks, m, z["failed"],
+                         z["iterations"], z["metrics"])
 
 
 def _run_cell(sweep: SweepConfig, cell: Cell, cell_dir: Path, say: Callable[[str], None] | None):

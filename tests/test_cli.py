@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,7 +72,7 @@ def test_simulate_writes_summary_and_run_json(tmp_path, capsys):
     lo, hi = float(rows[2]["ci_low"]), float(rows[2]["ci_high"])
     assert lo < float(rows[2]["variance_ratio"]) < hi
     meta = json.loads((out / "run.json").read_text())
-    assert meta["config"]["n"] == 20 and meta["environment"]["backend"] == "cpu"
+    assert meta["config"]["n"] == 20 and meta["environment"]["backend"] == jax.default_backend()
     assert meta["wall_time_s"] > 0 and "compile_time_s" in meta
     coords = list(csv.DictReader((out / "coordinates.csv").open()))
     assert len(coords) == 3 * 2
@@ -138,3 +139,18 @@ def test_checkpoint_of_other_code_is_refused_unless_forced(tmp_path):
         cj.simulate(cfg, out=tmp_path)
     again = cj.simulate(cfg, out=tmp_path, force=True)  # recomputed from the start
     np.testing.assert_array_equal(again.summary.variance_ratio, first.summary.variance_ratio)
+
+
+def test_checkpoint_of_another_block_size_is_refused_unless_forced(tmp_path, monkeypatch):
+    """The default block size depends on the backend (`block_cap`): a checkpoint's block
+    count means nothing under another block size, so it must not be resumed."""
+    cfg = cj.SimulationConfig(n=10, d=2, generations=2, trajectories=40)
+    first = cj.simulate(cfg, out=tmp_path)
+    assert first.block_size == 40
+    monkeypatch.setattr(cj._driver, "block_cap", lambda config: 16)  # another backend's default
+    with pytest.raises(ValueError, match="blocks of 40 trajectories and this run uses 14"):
+        cj.simulate(cfg, out=tmp_path)
+    again = cj.simulate(cfg, out=tmp_path, force=True)
+    assert again.block_size == 14  # 40 under a cap of 16: 3 blocks of 14
+    np.testing.assert_allclose(again.summary.variance_ratio, first.summary.variance_ratio,
+                               rtol=1e-13)

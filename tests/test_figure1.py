@@ -6,12 +6,13 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
 import collapse_jax  # noqa: F401  (turns on float64)
 from collapse_jax import _figure1
-from collapse_jax._limit import limit_ratio, trace_count
+from collapse_jax._limit import default_workers, limit_ratio, trace_count
 
 WORKFLOWS = ("discard", "augment", "subsample", "subsample-replace")
 SMALL = [
@@ -95,7 +96,9 @@ def test_defaults_match_the_paper():
     config, finite = _figure1._configs(args)
     assert config.d == 1 and config.draws == 1_000_000 and config.workflows == WORKFLOWS
     assert config.dtype == "float64" and finite == []
-    assert args.workers == min(2, os.cpu_count() or 1)
+    assert args.workers is None  # resolved by default_workers(): min(2, CPUs) on CPU
+    cpu = jax.default_backend() == "cpu"
+    assert default_workers() == (min(2, os.cpu_count() or 1) if cpu else 1)
 
 
 def test_precision_mode(tmp_path, small_run, capsys):
@@ -110,6 +113,7 @@ def test_precision_mode(tmp_path, small_run, capsys):
     assert err.count("[limit]") == m["blocks"] and "worst 95% rel. half-width" in err
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="worker processes are a CPU feature")
 def test_worker_processes_give_identical_files(tmp_path, small_run):
     # Two spawned processes run the blocks; merged in block order, the sums
     # (hence every CSV byte) are those of the single-process run.

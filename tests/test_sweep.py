@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -139,14 +140,25 @@ def test_grid_semantics_sigma2_and_skip_invalid():
     assert s2.hash() != s3.hash() and s3.hash() == SweepConfig.from_dict(s3.to_dict()).hash()
 
 
-def test_bytes_model_matches_default_block_size():
+class _FakeDevice:
+    def memory_stats(self):
+        return {"bytes_limit": 64 * 2**30}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_bytes_model_matches_default_block_size(backend, monkeypatch):
+    # The block memory budget: 256 MB on CPU, a quarter of the device's memory elsewhere.
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "local_devices", lambda: [_FakeDevice()])
+    budget, largest = (256 * 2**20, 2**14) if backend == "cpu" else (16 * 2**30, 2**17)
     for kw in ({"workflow": "augment", "design": "fresh", "draw": "data"},
                {"workflow": "subsample", "design": "fixed"},
                {"workflow": "discard"}, {"model": "logistic", "workflow": "augment"}):
         cfg = cj.SimulationConfig(n=300, d=20, generations=40, trajectories=2**20, **kw)
-        want = (256 * 2**20) // _sweep.bytes_per_trajectory(cfg)
+        want = budget // _sweep.bytes_per_trajectory(cfg)
         got = _driver.default_block_size(cfg)
-        assert got <= want < 2 * got or got == 2**14
+        assert got == _driver.block_cap(cfg)
+        assert got <= want < 2 * got or got == largest
 
 
 # --------------------------------------------------------------------------
