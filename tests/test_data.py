@@ -45,7 +45,8 @@ def test_gamma_batching_rule_draws_what_each_key_draws_alone():
     shapes = jnp.asarray([1.0, 1.5, 3.0, 50.0])  # a = 1: acceptance ~0.95, many repeat rounds
     keys = jax.random.split(jax.random.key(5, impl="philox4x32"), 600)
     batched = np.asarray(jax.jit(jax.vmap(lambda k: gamma_large_shape(k, shapes)))(keys))
-    alone = np.stack([np.asarray(gamma_large_shape(k, shapes)) for k in keys[:40]])
+    one = jax.jit(lambda k: gamma_large_shape(k, shapes))  # unbatched: no vmap rule
+    alone = np.stack([np.asarray(one(k)) for k in keys[:40]])
     np.testing.assert_allclose(batched[:40], alone, rtol=1e-14, atol=0)
     # nested vmap (e.g. a vmapped engine inside another vmap) takes the same rows
     draw = jax.vmap(jax.vmap(lambda k: gamma_large_shape(k, shapes)))
