@@ -19,6 +19,6 @@ import jax
 COMPILER_OPTIONS = {"xla_gpu_deterministic_ops": True}
 
 
-def jit(fn: Callable, **kwargs) -> Callable:
-    """``jax.jit(fn, **kwargs)`` compiled with `COMPILER_OPTIONS` (also through ``.lower().compile()``)."""
-    return jax.jit(fn, compiler_options=COMPILER_OPTIONS, **kwargs)
+def jit(fn: Callable) -> Callable:
+    """``jax.jit(fn)`` with `COMPILER_OPTIONS` (which ``.lower().compile()`` keeps too)."""
+    return jax.jit(fn, compiler_options=COMPILER_OPTIONS)
