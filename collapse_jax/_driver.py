@@ -35,7 +35,6 @@ from ._engine import (
     Trajectory,
     build_block,
     build_trajectories,
-    pool_slots,
 )
 from ._io import atomic_write_bytes, environment, write_csv, write_json
 from ._models import metric_names
@@ -99,8 +98,7 @@ def bytes_per_trajectory(config: SimulationConfig) -> int:
     if not config.uses_sufficient_statistics:
         per += item * (n * d + 3 * n)  # one batch of data
         if config.workflow != "discard" and config.design == "fresh":
-            slots = pool_slots(n, G, config.workflow)
-            per += 3 * item * slots * n * (d + 1)  # the pool and its gathered/weighted copies
+            per += 3 * item * G * n * (d + 1)  # the pool and its gathered/weighted copies
         elif config.workflow != "discard":
             per += 2 * item * G * n
         if config.workflow == "subsample" and n >= FIRST_DISTINCT_FROM:

@@ -196,12 +196,13 @@ def build_trajectory(spec: StaticSpec):
         use_pool = spec.workflow in ("subsample", "subsample-replace") or (
             spec.workflow == "augment" and spec.model in ("logistic", "poisson") and fresh
         )
-        # Pooled augment fits sum over chunks of `chunk` batches: the buffer is padded to whole
-        # chunks (the padding keeps weight 0).
-        chunk = pool_chunk(n, G) if spec.workflow == "augment" else 1
-        slots = pool_slots(n, G, spec.workflow)
-        pool_x = jnp.zeros((slots, n, d), dtype) if (use_pool and fresh) else jnp.zeros((0,), dtype)
-        pool_y = jnp.zeros((slots, n), dtype) if (use_pool and not points) else jnp.zeros((0,), dtype)
+        pool_x = jnp.zeros((G, n, d), dtype) if (use_pool and fresh) else jnp.zeros((0,), dtype)
+        pool_y = jnp.zeros((G, n), dtype) if (use_pool and not points) else jnp.zeros((0,), dtype)
+        pooled_fit = use_pool and spec.workflow == "augment"
+        if pooled_fit:  # the pool as chunks of whole batches, read in place by the fit
+            chunk = pool_chunk(n, G)
+            pool_x = tuple(pool_x[i:i + chunk] for i in range(0, G, chunk))
+            pool_y = tuple(pool_y[i:i + chunk] for i in range(0, G, chunk))
         a_sum = jnp.zeros((d, d), dtype)
         b_sum = jnp.zeros((d,), dtype)
         y_sum = jnp.zeros((n,), dtype)
@@ -250,15 +251,17 @@ def build_trajectory(spec: StaticSpec):
                 gf = g.astype(dtype)
                 res = fit(x, y_sum / gf, gf * ones, theta_prev, params)
             else:
-                if not points:
-                    pool_y = pool_y.at[g - 1].set(y)
-                if fresh:
-                    pool_x = pool_x.at[g - 1].set(x)
-                if spec.workflow == "augment":
-                    # Newton on the g batches of the pool in chunks: work ~ g, not ~ G.
+                if pooled_fit:
+                    pool_x = _store_batch(pool_x, g - 1, x)
+                    pool_y = _store_batch(pool_y, g - 1, y)
+                    # Newton on the g batches of the pool: work ~ g, not ~ G.
                     res = glm_newton_pooled(pool_x, pool_y, g, theta_prev,
-                                            spec.max_newton_iterations, spec.model, chunk)
+                                            spec.max_newton_iterations, spec.model)
                 else:
+                    if not points:
+                        pool_y = pool_y.at[g - 1].set(y)
+                    if fresh:
+                        pool_x = pool_x.at[g - 1].set(x)
                     size = g * n
                     if spec.workflow == "subsample":
                         # Generation 1's draw is discarded below; a pool of >= 2n keeps
@@ -320,20 +323,35 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
     return Trajectory(*out)
 
 
-# Pooled fits (logistic/Poisson augment, fresh design) sum their gradient and Hessian
-# over chunks of about this many points (whole batches).
+# Pooled fits (logistic/Poisson augment, fresh design) keep their pool in chunks of
+# about this many points (whole batches), and at most `POOL_MAX_CHUNKS` chunks: each
+# chunk is a branch of code in every pass of the fit (compile time).
 POOL_CHUNK_POINTS = 1024
+POOL_MAX_CHUNKS = 4
 
 
 def pool_chunk(n: int, generations: int) -> int:
-    """Batches per chunk of a pooled fit: ~`POOL_CHUNK_POINTS` points, at least one batch."""
-    return max(1, min(generations, round(POOL_CHUNK_POINTS / n)))
+    """Batches per chunk of a pooled fit: ~`POOL_CHUNK_POINTS` points, at least one batch,
+    at most `POOL_MAX_CHUNKS` chunks."""
+    return max(1, min(generations, round(POOL_CHUNK_POINTS / n)), -(-generations // POOL_MAX_CHUNKS))
 
 
-def pool_slots(n: int, generations: int, workflow: str) -> int:
-    """Batches the pool buffer holds: `generations`, padded to whole chunks for augment."""
-    chunk = pool_chunk(n, generations) if workflow == "augment" else 1
-    return -(-generations // chunk) * chunk
+def _store_batch(chunks: tuple[jax.Array, ...], i, batch: jax.Array) -> tuple[jax.Array, ...]:
+    """Write `batch` into slot `i` (()-int, counted across chunks) of the chunked pool.
+
+    Every chunk rewrites one slot (its own batch where it holds slot i, the
+    slot's current value elsewhere): n d reads and writes per chunk, no
+    branch, each chunk updated in place.
+    """
+    out, start = [], 0
+    for chunk in chunks:
+        size = chunk.shape[0]
+        j = jnp.clip(i - start, 0, size - 1)
+        current = jax.lax.dynamic_index_in_dim(chunk, j, keepdims=False)
+        mine = (i >= start) & (i < start + size)
+        out.append(jax.lax.dynamic_update_index_in_dim(chunk, jnp.where(mine, batch, current), j, 0))
+        start += size
+    return tuple(out)
 
 
 # From this sample size on, `_first_distinct` is cheaper than `_floyd` (measured

@@ -113,7 +113,9 @@ def test_large_n_subsample_uses_first_distinct_and_approaches_limit():
 
 @pytest.mark.parametrize("workflow", ["augment", "subsample"])
 def test_block_size_does_not_change_results(workflow):
-    base = dict(model="logistic", workflow=workflow, design="fresh", n=40, d=2, generations=4,
+    # augment: n = 300, G = 7 keeps the pool in 3 chunks (3, 3, 1 batches)
+    n, G = (300, 7) if workflow == "augment" else (40, 4)
+    base = dict(model="logistic", workflow=workflow, design="fresh", n=n, d=2, generations=G,
                 trajectories=300, seed=11)
     a = cj.simulate(cj.SimulationConfig(block_size=64, **base))
     b = cj.simulate(cj.SimulationConfig(block_size=256, **base))
@@ -126,6 +128,23 @@ def test_block_size_does_not_change_results(workflow):
     part = cj.simulate_trajectories(cfg, np.arange(17, 29))
     np.testing.assert_array_equal(full.theta[17:29], part.theta)
     np.testing.assert_array_equal(full.alive[17:29], part.alive)
+
+
+def test_pooled_augment_paths_do_not_depend_on_the_chunking(monkeypatch):
+    """Logistic augment (fresh) with the pool in 1, 2 and 4 chunks: the same paths up to
+    the order of the sums inside the fits (the Newton stopping tolerance bounds the rest)."""
+    from collapse_jax import _engine
+
+    cfg = cj.SimulationConfig(model="logistic", workflow="augment", design="fresh", n=50, d=3,
+                              generations=8, trajectories=16, seed=12)
+    paths = []
+    for points in (400, 200, 100):  # chunks of 8, 4 and 2 batches
+        monkeypatch.setattr(_engine, "POOL_CHUNK_POINTS", points)
+        assert _engine.pool_chunk(cfg.n, cfg.generations) == points // cfg.n
+        paths.append(cj.simulate_trajectories(cfg))
+    for other in paths[1:]:
+        np.testing.assert_array_equal(other.alive, paths[0].alive)
+        np.testing.assert_allclose(other.theta, paths[0].theta, rtol=0, atol=1e-9)
 
 
 def test_moments_of_paths_match_summary():
