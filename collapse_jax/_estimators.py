@@ -296,7 +296,7 @@ def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iter
         hess_inv, ok = inverse(hess, eye)
         delta = hess_inv @ grad
         new = theta + delta
-        ok = ok[0] & jnp.all(jnp.isfinite(new))
+        ok = jnp.all(ok) & jnp.all(jnp.isfinite(new))
         size = jnp.max(jnp.abs(delta))
         scale = 1 + jnp.max(jnp.abs(theta))
         return (jnp.where(ok, new, theta), hess_inv, size, it + 1, ok & (size <= tol * scale), ~ok,
