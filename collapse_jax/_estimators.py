@@ -219,21 +219,19 @@ def _check_family(family: str) -> None:
 
 def _glm_terms(family: str, x, y, weights, theta):
     """Gradient x^T w (y - b'(eta)) and Hessian x^T diag(w b''(eta)) x at theta."""
-    eta = x @ theta
-    if family == "logistic":
-        p = jax.nn.sigmoid(eta)
-        curvature = weights * p * (1 - p)
-    else:
-        p = jnp.exp(eta)
-        curvature = weights * p
+    p = _glm_mean(family, x @ theta)
+    curvature = weights * p * (1 - p) if family == "logistic" else weights * p
     return x.T @ (weights * (y - p)), (x * curvature[:, None]).T @ x
 
 
 def _glm_gradient(family: str, x, y, weights, theta):
     """The gradient of `_glm_terms` alone."""
-    eta = x @ theta
-    p = jax.nn.sigmoid(eta) if family == "logistic" else jnp.exp(eta)
-    return x.T @ (weights * (y - p))
+    return x.T @ (weights * (y - _glm_mean(family, x @ theta)))
+
+
+def _glm_mean(family: str, eta):
+    """The mean b'(eta): sigmoid (logistic) or exp (Poisson)."""
+    return jax.nn.sigmoid(eta) if family == "logistic" else jnp.exp(eta)
 
 
 def _newton(terms, theta_init, max_iterations: int, ridge, dtype) -> FitResult:
