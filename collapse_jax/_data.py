@@ -28,6 +28,9 @@ class ModelParams(NamedTuple):
     feature_chol: jax.Array  # shape=(d, d): lower Cholesky factor L of Sigma.
     design_matrix: jax.Array  # shape=(n, d) user design for design="fixed", else shape (0, d).
     ridge_penalty: jax.Array | float = 0.0  # shape=(): lambda of model="ridge".
+    # shape=(), int64: points per batch.  Read (traced) only by the sufficient-statistic
+    # kernels, which draw nothing of size n, so one compiled kernel serves every n.
+    n: jax.Array | int = 0
 
 
 def sample_features(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
@@ -46,7 +49,8 @@ def sample_labels(key: jax.Array, model: str, x: jax.Array, theta: jax.Array,
     return (u < jax.nn.sigmoid(eta)).astype(eta.dtype)
 
 
-def wishart_factor(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
+def wishart_factor(key: jax.Array, n: int | jax.Array, chol: jax.Array,
+                   isotropic: bool) -> jax.Array:
     """A lower-triangular C with C C^T distributed as X^T X, X (n, d) rows N(0, L L^T).
 
     Bartlett's decomposition: X^T X = L W L^T with W ~ Wishart_d(n, I) = B B^T,
@@ -76,7 +80,7 @@ def _bartlett_layout(d: int) -> np.ndarray:
     return layout
 
 
-def ols_error(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:
+def ols_error(key: jax.Array, n: int | jax.Array, chol: jax.Array, isotropic: bool) -> jax.Array:
     """The error (X^T X)^{-1} X^T eps of one least-squares fit, drawn in O(d): shape (d,).
 
     For X (n, d) with rows N(0, L L^T) and eps ~ N(0, I_n), the error given X

@@ -150,6 +150,7 @@ def _params(config: SimulationConfig, design_matrix) -> ModelParams:
         feature_chol=jnp.asarray(chol, dt),
         design_matrix=jnp.asarray(x, dt),
         ridge_penalty=jnp.asarray(config.ridge_penalty, dt),
+        n=jnp.asarray(config.n, jnp.int64),
     )
 
 

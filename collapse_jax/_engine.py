@@ -42,7 +42,9 @@ class StaticSpec:
 
     Two configurations with equal `StaticSpec` share one compiled kernel;
     sigma, theta0, the feature covariance values, the seed and the number of
-    trajectories are traced arguments.
+    trajectories are traced arguments, and so is n for the sufficient-statistic
+    kernels (`n` is then 0 here and ``ModelParams.n`` holds it): they draw
+    nothing of size n, so a sweep over n compiles them once.
     """
 
     model: str
@@ -65,7 +67,9 @@ class StaticSpec:
             model=config.model,
             workflow=config.workflow,
             design=config.design,
-            n=config.n,
+            # Traced (ModelParams.n) where nothing of size n is drawn; a user design's
+            # shape still fixes it.
+            n=0 if config.uses_sufficient_statistics and not user_design else config.n,
             d=config.d,
             generations=config.generations,
             dtype=config.dtype,
@@ -104,7 +108,7 @@ def _fixed_gram_factor(spec: StaticSpec, key, params: ModelParams):
     if spec.user_design:
         x = params.design_matrix
         return jnp.linalg.cholesky(x.T @ x)
-    return wishart_factor(jax.random.fold_in(key, 0), spec.n, params.feature_chol, spec.isotropic)
+    return wishart_factor(jax.random.fold_in(key, 0), params.n, params.feature_chol, spec.isotropic)
 
 
 def build_trajectory(spec: StaticSpec):
@@ -149,7 +153,7 @@ def build_trajectory(spec: StaticSpec):
                     # Ridge is linear in (X^T X, X^T y): the same exact draws,
                     # X^T y = C C^T theta + sigma C z.
                     if fresh:
-                        c = wishart_factor(kx, n, params.feature_chol, spec.isotropic)
+                        c = wishart_factor(kx, params.n, params.feature_chol, spec.isotropic)
                         gram = c @ c.T
                     else:
                         c, gram = c_fixed, gram_fixed
@@ -163,12 +167,13 @@ def build_trajectory(spec: StaticSpec):
                         b_sum = b_sum + b
                         res = solve_normal_equations(a_sum + penalty, b_sum, theta_prev)
                 elif fresh and spec.workflow == "discard":
-                    theta = theta_prev + sigma * ols_error(kx, n, params.feature_chol, spec.isotropic)
+                    error = ols_error(kx, params.n, params.feature_chol, spec.isotropic)
+                    theta = theta_prev + sigma * error
                     ok = jnp.all(jnp.isfinite(theta))
                     res = FitResult(jnp.where(ok, theta, theta_prev), zero, ok)
                 elif fresh:
                     # Augment: X_g^T X_g = C C^T (Bartlett), X_g^T eps = C z, exactly in law.
-                    c = wishart_factor(kx, n, params.feature_chol, spec.isotropic)
+                    c = wishart_factor(kx, params.n, params.feature_chol, spec.isotropic)
                     z = _random.normal(kz, (d,), dtype)
                     gram = c @ c.T
                     a_sum = a_sum + gram
@@ -295,7 +300,7 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
     ``kx, kz = split(fold_in(key, g))`` (kx: the scatter, kz: the mean).
     Augment pools the batches' (count, mean, scatter) with `merge_scatter`.
     """
-    n, d, G = spec.n, spec.d, spec.generations
+    n, d, G = params.n, spec.d, spec.generations  # n traced (`StaticSpec`)
     dtype = jnp.dtype(spec.dtype)
 
     def body(carry, g):
@@ -311,7 +316,8 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
         else:
             gf = g.astype(dtype)
             count, mean_pool, scatter_pool = merge_scatter(
-                (gf - 1) * n, mean_pool, scatter_pool, n, mean, scatter
+                (gf - 1) * jnp.asarray(n, dtype), mean_pool, scatter_pool, jnp.asarray(n, dtype),
+                mean, scatter
             )
             res = gaussian_from_scatter(mean_pool, scatter_pool, count, theta_prev)
         alive = alive & res.converged

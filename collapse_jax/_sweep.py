@@ -691,14 +691,18 @@ def dry_run_report(sweep: SweepConfig) -> str:
     lines.append("")
     names = [f.name for f in dataclasses.fields(next(iter(shapes)))]
     differ = [k for k in names if len({getattr(s, k) for s in shapes}) > 1]
-    common = ", ".join(f"{k}={getattr(next(iter(shapes)), k)}" for k in names if k not in differ)
+    def show(spec, k):  # n = 0: n is a traced argument of that kernel (`StaticSpec`)
+        v = getattr(spec, k)
+        return f"{k}=traced" if k == "n" and v == 0 else f"{k}={v}"
+
+    common = ", ".join(show(next(iter(shapes)), k) for k in names if k not in differ)
     lines.append(f"compiled shapes (StaticSpec; all have {common}) and memory per block:")
     total_fits = 0
     for i, (spec, group) in enumerate(shapes.items()):
         cfg = group[0].config
         block = bytes_per_trajectory(cfg) * spec.block_size
         moments = 8 * spec.generations * (4 * spec.d) ** 2
-        fields = ", ".join(f"{k}={getattr(spec, k)}" for k in differ)
+        fields = ", ".join(show(spec, k) for k in differ)
         lines.append(f"  {i:>3}: {fields}: {len(group)} cell(s), block arrays ~{_mb(block)}, "
                      f"moment sums {_mb(moments)}")
         total_fits += sum(c.config.trajectories * c.config.generations for c in group)

@@ -185,6 +185,31 @@ def test_traced_parameters_do_not_recompile():
     assert compile_count() == before
 
 
+@pytest.mark.parametrize("model", ["ols", "gaussian"])
+def test_sufficient_statistic_kernels_trace_n(model):
+    """One compiled kernel serves every n, and each run still uses its own n.
+
+    OLS: E||theta_1 - theta0||^2 = sigma^2 d / (n - d - 1) (isotropic features).
+    Gaussian: the mean part of theta_1 is N(mu, Sigma / n), Sigma = I, so the
+    squared error of its d coordinates has mean d / n; the covariance part
+    adds E||vech(S - I)||^2 = sum over i <= j of (1 + [i = j]) / (n - 1).
+    """
+    from collapse_jax._driver import compile_count
+
+    d, R = 2, 4000
+    kernels = compile_count()
+    for n in (12, 1200):
+        cfg = cj.SimulationConfig(model=model, workflow="augment", n=n, d=d, generations=2,
+                                  trajectories=R, block_size=500, seed=n)
+        s = cj.simulate(cfg).summary
+        if model == "ols":
+            exact = d / (n - d - 1)
+        else:
+            exact = d / n + (d * (d + 1) / 2 + d) / (n - 1)
+        assert abs(s.mse[0] - exact) < 5 * s.mse_se[0], (n, s.mse[0], exact, s.mse_se[0])
+    assert compile_count() == kernels + 1
+
+
 def test_feature_covariance_scales_ols_error():
     """With Sigma = diag(s^2), Var(theta_1j) = sigma^2 / (s_j^2 (n - d - 1))."""
     s2 = np.array([1.0, 4.0])

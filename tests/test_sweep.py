@@ -130,7 +130,8 @@ def test_grid_semantics_sigma2_and_skip_invalid():
     specs = [_driver._spec(x.config, None) for x in order]
     assert all(specs[i] == specs[i + 1] or specs[i] not in specs[i + 1:]
                for i in range(len(specs) - 1))
-    assert len(sweep.shapes()) == 6
+    # OLS draws sufficient statistics here, whose kernels trace n: one shape per (workflow, d)
+    assert len(sweep.shapes()) == 4
     # vector-valued fields: one value is a list, a list of lists is several values
     s2 = SweepConfig.from_dict({"trajectories": 4, "grid": {"d": 2, "n": 8,
                                                              "theta0": [[1.0, 0.0], [0.0, 2.0]]}})
@@ -290,6 +291,7 @@ def test_dry_run_lists_cells_shapes_and_memory(small, capsys):
     assert _sweep_cli([str(path), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "12 cells" in text and "2 compiled shapes" in text
+    assert "n=traced" in text  # OLS discard/augment draw sufficient statistics: n is traced
     assert "block arrays ~" in text and "moment sums" in text and "StaticSpec" in text
     assert text.count(" R=40 in 1 block(s) of 40") == 12
     assert compile_count() == before
