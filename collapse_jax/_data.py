@@ -27,10 +27,10 @@ class ModelParams(NamedTuple):
     sigma: jax.Array  # shape=(): label-noise sd (ols, ridge); point scale (gaussian, median).
     feature_chol: jax.Array  # shape=(d, d): lower Cholesky factor L of Sigma.
     design_matrix: jax.Array  # shape=(n, d) user design for design="fixed", else shape (0, d).
-    ridge_penalty: jax.Array | float = 0.0  # shape=(): lambda of model="ridge".
     # shape=(), int64: points per batch.  Read (traced) only by the sufficient-statistic
     # kernels, which draw nothing of size n, so one compiled kernel serves every n.
-    n: jax.Array | int = 0
+    n: jax.Array
+    ridge_penalty: jax.Array | float = 0.0  # shape=(): lambda of model="ridge".
 
 
 def sample_features(key: jax.Array, n: int, chol: jax.Array, isotropic: bool) -> jax.Array:

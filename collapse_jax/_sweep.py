@@ -691,6 +691,7 @@ def dry_run_report(sweep: SweepConfig) -> str:
     lines.append("")
     names = [f.name for f in dataclasses.fields(next(iter(shapes)))]
     differ = [k for k in names if len({getattr(s, k) for s in shapes}) > 1]
+
     def show(spec, k):  # n = 0: n is a traced argument of that kernel (`StaticSpec`)
         v = getattr(spec, k)
         return f"{k}=traced" if k == "n" and v == 0 else f"{k}={v}"
