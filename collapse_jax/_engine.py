@@ -43,14 +43,14 @@ class StaticSpec:
     Two configurations with equal `StaticSpec` share one compiled kernel;
     sigma, theta0, the feature covariance values, the seed and the number of
     trajectories are traced arguments, and so is n for the sufficient-statistic
-    kernels (`n` is then 0 here and ``ModelParams.n`` holds it): they draw
+    kernels (`n` is then None here and ``ModelParams.n`` holds it): they draw
     nothing of size n, so a sweep over n compiles them once.
     """
 
     model: str
     workflow: str
     design: str
-    n: int
+    n: int | None  # None: traced (ModelParams.n)
     d: int
     generations: int
     dtype: str
@@ -69,7 +69,7 @@ class StaticSpec:
             design=config.design,
             # Traced (ModelParams.n) where nothing of size n is drawn; a user design's
             # shape still fixes it.
-            n=0 if config.uses_sufficient_statistics and not user_design else config.n,
+            n=None if config.uses_sufficient_statistics and not user_design else config.n,
             d=config.d,
             generations=config.generations,
             dtype=config.dtype,
@@ -300,24 +300,24 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
     ``kx, kz = split(fold_in(key, g))`` (kx: the scatter, kz: the mean).
     Augment pools the batches' (count, mean, scatter) with `merge_scatter`.
     """
-    n, d, G = params.n, spec.d, spec.generations  # n traced (`StaticSpec`)
+    d, G = spec.d, spec.generations
     dtype = jnp.dtype(spec.dtype)
+    n = params.n.astype(dtype)  # traced (`StaticSpec`)
 
     def body(carry, g):
         theta_prev, alive, mean_pool, scatter_pool = carry
         kx, kz = jax.random.split(jax.random.fold_in(key, g))
         chol = jnp.linalg.cholesky(unvech(theta_prev[d:], d))
-        c = wishart_factor(kx, n - 1, chol, False)
+        c = wishart_factor(kx, params.n - 1, chol, False)
         z = _random.normal(kz, (d,), dtype)
-        mean = theta_prev[:d] + chol @ z / jnp.sqrt(jnp.asarray(n, dtype))
+        mean = theta_prev[:d] + chol @ z / jnp.sqrt(n)
         scatter = c @ c.T
         if spec.workflow == "discard":
-            res = gaussian_from_scatter(mean, scatter, jnp.asarray(n, dtype), theta_prev)
+            res = gaussian_from_scatter(mean, scatter, n, theta_prev)
         else:
             gf = g.astype(dtype)
             count, mean_pool, scatter_pool = merge_scatter(
-                (gf - 1) * jnp.asarray(n, dtype), mean_pool, scatter_pool, jnp.asarray(n, dtype),
-                mean, scatter
+                (gf - 1) * n, mean_pool, scatter_pool, n, mean, scatter
             )
             res = gaussian_from_scatter(mean_pool, scatter_pool, count, theta_prev)
         alive = alive & res.converged

@@ -692,9 +692,9 @@ def dry_run_report(sweep: SweepConfig) -> str:
     names = [f.name for f in dataclasses.fields(next(iter(shapes)))]
     differ = [k for k in names if len({getattr(s, k) for s in shapes}) > 1]
 
-    def show(spec, k):  # n = 0: n is a traced argument of that kernel (`StaticSpec`)
+    def show(spec, k):  # n None: a traced argument of that kernel (`StaticSpec`)
         v = getattr(spec, k)
-        return f"{k}=traced" if k == "n" and v == 0 else f"{k}={v}"
+        return f"{k}=traced" if k == "n" and v is None else f"{k}={v}"
 
     common = ", ".join(show(next(iter(shapes)), k) for k in names if k not in differ)
     lines.append(f"compiled shapes (StaticSpec; all have {common}) and memory per block:")
