@@ -23,6 +23,7 @@ from ._config import SimulationConfig
 from ._data import ModelParams, ols_error, sample_features, wishart_factor
 from ._estimators import (
     FitResult,
+    extended_pool_start,
     glm_newton_pooled,
     gaussian_from_scatter,
     merge_scatter,
@@ -209,6 +210,7 @@ def build_trajectory(spec: StaticSpec):
             pool_x = tuple(pool_x[i:i + chunk] for i in range(0, G, chunk))
             pool_y = tuple(pool_y[i:i + chunk] for i in range(0, G, chunk))
         a_sum = jnp.zeros((d, d), dtype)
+        hess_pool = jnp.zeros((d, d), dtype)  # pooled GLM fits: the pool's last Newton Hessian
         b_sum = jnp.zeros((d,), dtype)
         y_sum = jnp.zeros((n,), dtype)
         # Median augment: every batch's sorted order keys; unused batches hold the largest key.
@@ -219,7 +221,7 @@ def build_trajectory(spec: StaticSpec):
             key_pool = jnp.full((G, n, d), jnp.iinfo(kdt).max, kdt)
 
         def body(carry, g):
-            theta_prev, alive, pool_x, pool_y, a_sum, b_sum, y_sum, key_pool = carry
+            theta_prev, alive, pool_x, pool_y, a_sum, b_sum, y_sum, key_pool, hess_pool = carry
             kx, ky, ks = jax.random.split(jax.random.fold_in(key, g), 3)
             if points:
                 x = _models.sample_points(kx, spec.model, n, theta_prev, params, spec.isotropic)
@@ -259,9 +261,12 @@ def build_trajectory(spec: StaticSpec):
                 if pooled_fit:
                     pool_x = _store_batch(pool_x, g - 1, x)
                     pool_y = _store_batch(pool_y, g - 1, y)
-                    # Newton on the g batches of the pool: work ~ g, not ~ G.
-                    res = glm_newton_pooled(pool_x, pool_y, g, theta_prev,
-                                            spec.max_newton_iterations, spec.model)
+                    # Newton on the g batches of the pool (work ~ g, not ~ G), from the step
+                    # that the new batch and the pool's last Hessian predict.
+                    start = extended_pool_start(spec.model, x, y, theta_prev, hess_pool)
+                    res, hess_pool = glm_newton_pooled(pool_x, pool_y, g, start,
+                                                       spec.max_newton_iterations, spec.model)
+                    res = res._replace(theta=jnp.where(res.converged, res.theta, theta_prev))
                 else:
                     if not points:
                         pool_y = pool_y.at[g - 1].set(y)
@@ -280,10 +285,11 @@ def build_trajectory(spec: StaticSpec):
                     xs = pool_x.reshape(G * n, d)[idx] if fresh else x_fixed[idx % n]
                     res = fit(xs, ys, None if points else ones, theta_prev, params)
             alive = alive & res.converged
-            carry = (res.theta, alive, pool_x, pool_y, a_sum, b_sum, y_sum, key_pool)
+            carry = (res.theta, alive, pool_x, pool_y, a_sum, b_sum, y_sum, key_pool, hess_pool)
             return carry, (res.theta, res.converged, alive, res.iterations)
 
-        init = (theta0, jnp.ones((), bool), pool_x, pool_y, a_sum, b_sum, y_sum, key_pool)
+        init = (theta0, jnp.ones((), bool), pool_x, pool_y, a_sum, b_sum, y_sum, key_pool,
+                hess_pool)
         _, out = jax.lax.scan(body, init, steps)
         return Trajectory(*out)
 

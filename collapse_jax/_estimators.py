@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from ._small_linalg import conditioning_ok, spd_solve
+from ._small_linalg import conditioning_ok, lapack_spd_solve, spd_solve
 
 
 class FitResult(NamedTuple):
@@ -143,7 +143,7 @@ HESSIAN_REUSE_BELOW = 1e-3
 
 def glm_newton_pooled(x_chunks: tuple[jax.Array, ...], y_chunks: tuple[jax.Array, ...],
                       batches: jax.Array, theta_init: jax.Array, max_iterations: int = 50,
-                      family: str = "logistic") -> FitResult:
+                      family: str = "logistic") -> tuple[FitResult, jax.Array]:
     """The `glm_newton` MLE (unit weights, no ridge) on the first `batches` batches of a pool.
 
     The fit of the pooled workflows (augment with fresh features).  The pool
@@ -174,9 +174,13 @@ def glm_newton_pooled(x_chunks: tuple[jax.Array, ...], y_chunks: tuple[jax.Array
     `family` static.  Under `vmap`, an unbatched `batches` (the generation
     counter) keeps the conds real branches, the same for every trajectory.
 
-    **Returns:** `FitResult`; `iterations` counts steps of both kinds.
-    Deterministic; a trajectory's iterates do not depend on which others
-    share its vmapped block.
+    **Returns:** ``(FitResult, hessian)``: `iterations` counts steps of both
+    kinds (passes over the pool); `hessian` (d, d) is the Hessian of the last
+    Newton step, taken within ``HESSIAN_REUSE_BELOW (1 + max|theta|)`` of the
+    returned estimate (meaningless where the fit failed), which
+    `extended_pool_start` uses to start the fit on the pool with one more
+    batch.  Deterministic; a trajectory's iterates do not depend on which
+    others share its vmapped block.
     """
     _check_family(family)
     if len(x_chunks) != len(y_chunks) or any(
@@ -274,10 +278,10 @@ def _newton(terms, theta_init, max_iterations: int, ridge, dtype) -> FitResult:
 
 
 def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iterations: int,
-                            dtype) -> FitResult:
+                            dtype) -> tuple[FitResult, jax.Array]:
     """Newton's method that reuses a Hessian while it contracts (a chord or Shamanskii method).
 
-    Rounds of: Newton steps (`gradient_and_hessian`, keeping H^{-1}) until a
+    Rounds of: Newton steps (`gradient_and_hessian`, keeping H and H^{-1}) until a
     step is below ``HESSIAN_REUSE_BELOW (1 + max|theta|)``; then steps
     ``H^{-1} gradient(theta)`` while each is at most half the one before (a
     step that is not is discarded and the next round starts with a Newton
@@ -286,19 +290,21 @@ def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iter
     `_newton`'s stopping rule keeps its meaning.  Under `vmap` the rounds and
     both inner loops run until the block's slowest problem is done; finished
     problems are frozen, so each problem's iterates are its own.
+
+    Returns ``(FitResult, H)``, H (d, d) the last Newton step's Hessian.
     """
     tol = jnp.sqrt(jnp.finfo(dtype).eps)
     d = theta_init.shape[-1]
     eye = jnp.eye(d, dtype=dtype)
     inverse = jax.vmap(spd_solve, in_axes=(None, 0), out_axes=(1, 0))  # solves against I's columns
 
-    # State: theta, H^{-1}, last step's max|.|, steps, done, failed, reusing (the round's phase).
+    # State: theta, H, H^{-1}, last step's max|.|, steps, done, failed, reusing (the round's phase).
     def active(s):
-        _, _, _, it, done, failed, _ = s
+        _, _, _, _, it, done, failed, _ = s
         return ~done & ~failed & (it < max_iterations)
 
     def newton_step(s):
-        theta, _, _, it, _, _, _ = s
+        theta, _, _, _, it, _, _, _ = s
         grad, hess = gradient_and_hessian(theta)
         hess_inv, ok = inverse(hess, eye)
         delta = hess_inv @ grad
@@ -306,17 +312,17 @@ def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iter
         ok = jnp.all(ok) & jnp.all(jnp.isfinite(new))
         size = jnp.max(jnp.abs(delta))
         scale = 1 + jnp.max(jnp.abs(theta))
-        return (jnp.where(ok, new, theta), hess_inv, size, it + 1, ok & (size <= tol * scale), ~ok,
-                ok & (size <= HESSIAN_REUSE_BELOW * scale))
+        return (jnp.where(ok, new, theta), hess, hess_inv, size, it + 1,
+                ok & (size <= tol * scale), ~ok, ok & (size <= HESSIAN_REUSE_BELOW * scale))
 
     def reused_step(s):
-        theta, hess_inv, last, it, _, failed, _ = s
+        theta, hess, hess_inv, last, it, _, failed, _ = s
         delta = hess_inv @ gradient(theta)
         new = theta + delta
         size = jnp.max(jnp.abs(delta))
         keep = jnp.all(jnp.isfinite(new)) & (size <= 0.5 * last)
         small = size <= tol * (1 + jnp.max(jnp.abs(theta)))
-        return (jnp.where(keep, new, theta), hess_inv, size, it + keep.astype(jnp.int32),
+        return (jnp.where(keep, new, theta), hess, hess_inv, size, it + keep.astype(jnp.int32),
                 keep & small, failed, keep)
 
     def round_(s):
@@ -325,10 +331,37 @@ def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iter
         return jax.lax.while_loop(lambda s: active(s) & s[-1], reused_step, s)
 
     false = jnp.zeros((), bool)
-    init = (theta_init, eye, jnp.asarray(jnp.inf, dtype), jnp.zeros((), jnp.int32), false, false,
-            false)
-    theta, _, _, it, done, _, _ = jax.lax.while_loop(active, round_, init)
-    return FitResult(jnp.where(done, theta, theta_init), it, done)
+    init = (theta_init, eye, eye, jnp.asarray(jnp.inf, dtype), jnp.zeros((), jnp.int32), false,
+            false, false)
+    theta, hess, _, _, it, done, _, _ = jax.lax.while_loop(active, round_, init)
+    return FitResult(jnp.where(done, theta, theta_init), it, done), hess
+
+
+def extended_pool_start(family: str, x: jax.Array, y: jax.Array, theta: jax.Array,
+                        hessian: jax.Array) -> jax.Array:
+    """Where to start the MLE of a pool extended by the batch (x, y): one step from `theta`.
+
+    `theta` is the MLE of the pool before the batch and `hessian` that
+    pool's Hessian near it (what `glm_newton_pooled` returns; zeros for an
+    empty pool).  The pool's own gradient vanishes at `theta` up to the
+    stopping rule, so the first Newton step on the extended pool is
+    ``(H_pool + H_b)^{-1} g_b``, with g_b and H_b the batch's gradient and
+    Hessian at `theta`; this is that step with H_pool taken at the last
+    Newton iterate (within ``HESSIAN_REUSE_BELOW (1 + max|theta|)``): one
+    pass over the n points of the batch instead of a Newton pass over the
+    whole pool.  For an empty pool it is the exact first Newton step.  The
+    fit from there meets the same stopping rule at the same MLE; only the
+    number of passes changes.
+
+    **Arguments:** `family` (static), `x` (n, d), `y` (n,), `theta` (d,),
+    `hessian` (d, d).  **Returns:** (d,); `theta` itself where the solve is
+    singular or the step not finite (after a failed fit, say).
+    """
+    grad, hess = _glm_terms(family, x, y, jnp.ones(y.shape, x.dtype), theta)
+    # Once per generation, off the Newton loop: LAPACK, whose code does not grow with d
+    # (the unrolled solve added ~2.5 s to the kernel's compile time at d = 10).
+    step, ok = lapack_spd_solve(hessian + hess, grad)
+    return jnp.where(ok, theta + step, theta)
 
 
 def triangular_solve_transposed(chol: jax.Array, v: jax.Array) -> jax.Array:

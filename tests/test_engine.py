@@ -133,18 +133,44 @@ def test_block_size_does_not_change_results(workflow):
 def test_pooled_augment_paths_do_not_depend_on_the_chunking(monkeypatch):
     """Logistic augment (fresh) with the pool in 1, 2 and 4 chunks: the same paths up to
     the order of the sums inside the fits (the Newton stopping tolerance bounds the rest)."""
-    from collapse_jax import _engine
+    from collapse_jax import _driver, _engine
 
     cfg = cj.SimulationConfig(model="logistic", workflow="augment", design="fresh", n=50, d=3,
                               generations=8, trajectories=16, seed=12)
     paths = []
     for points in (400, 200, 100):  # chunks of 8, 4 and 2 batches
         monkeypatch.setattr(_engine, "POOL_CHUNK_POINTS", points)
+        monkeypatch.setattr(_driver, "_COMPILED", {})  # else the first chunking's kernel is reused
         assert _engine.pool_chunk(cfg.n, cfg.generations) == points // cfg.n
         paths.append(cj.simulate_trajectories(cfg))
     for other in paths[1:]:
         np.testing.assert_array_equal(other.alive, paths[0].alive)
         np.testing.assert_allclose(other.theta, paths[0].theta, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["logistic", "poisson"])
+def test_pooled_augment_start_saves_passes_not_accuracy(model, monkeypatch):
+    """Pooled augment fits start from `extended_pool_start` (one pass over the new batch):
+    the same paths as starting from theta_{g-1}, within the stopping rule's tolerance,
+    and fewer passes over the pool (the Newton steps counted per fit)."""
+    from collapse_jax import _driver, _engine
+
+    cfg = cj.SimulationConfig(model=model, workflow="augment", design="fresh", n=60, d=3,
+                              generations=10, trajectories=24, seed=5)
+    runs = {}
+    for start in ("predicted", "previous"):
+        monkeypatch.setattr(_driver, "_COMPILED", {})
+        if start == "previous":
+            monkeypatch.setattr(_engine, "extended_pool_start", lambda f, x, y, theta, h: theta)
+        runs[start] = cj.simulate_trajectories(cfg)
+    new, old = runs["predicted"], runs["previous"]
+    assert old.alive.all()
+    np.testing.assert_array_equal(new.alive, old.alive)
+    # Both meet max|step| <= sqrt(eps) (1 + max|theta|) at the MLE, whose error is below the
+    # step; the paths then carry the gaps on, so allow a few tolerances.
+    tol = np.sqrt(np.finfo(np.float64).eps) * (1 + np.abs(old.theta).max())
+    np.testing.assert_allclose(new.theta, old.theta, rtol=0, atol=10 * tol)
+    assert new.iterations.sum() <= old.iterations.sum() - cfg.trajectories * cfg.generations // 2
 
 
 def test_moments_of_paths_match_summary():

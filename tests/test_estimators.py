@@ -130,8 +130,8 @@ def test_pooled_newton_finds_the_mle_of_the_used_batches(family, batches, sizes)
     start = jnp.asarray([0.1, 0.0, -0.1])
     used = (jnp.asarray(x[:batches].reshape(-1, d)), jnp.asarray(y[:batches].reshape(-1)))
     ref = glm_newton(*used, None, start, 50, None, family)
-    res = glm_newton_pooled(_chunked(x, sizes), _chunked(y, sizes), jnp.asarray(batches), start,
-                            50, family)
+    res, _ = glm_newton_pooled(_chunked(x, sizes), _chunked(y, sizes), jnp.asarray(batches),
+                               start, 50, family)
     assert bool(ref.converged) and bool(res.converged)
     tol = np.sqrt(np.finfo(np.float64).eps) * (1 + np.max(np.abs(np.asarray(ref.theta))))
     np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=tol)
@@ -166,8 +166,8 @@ def test_pooled_newton_reuses_hessians_and_visits_only_used_chunks():
         ref = glm_newton(*used, None, warm)
         mp.setattr(_estimators, "_glm_terms", counting("hessian", terms))
         mp.setattr(_estimators, "_glm_gradient", counting("gradient", gradient))
-        res = glm_newton_pooled(_chunked(x, (2, 2, 2)), _chunked(y, (2, 2, 2)), jnp.asarray(4),
-                                warm)
+        res, _ = glm_newton_pooled(_chunked(x, (2, 2, 2)), _chunked(y, (2, 2, 2)),
+                                   jnp.asarray(4), warm)
     assert bool(res.converged) and int(ref.iterations) >= 3
     hessians = calls["hessian"] // 2  # two chunks (batches 0-3) per pass
     assert calls["hessian"] % 2 == 0 and calls["gradient"] % 2 == 0
@@ -175,6 +175,83 @@ def test_pooled_newton_reuses_hessians_and_visits_only_used_chunks():
     assert 1 <= hessians < int(ref.iterations)
     assert calls["gradient"] >= 2
     np.testing.assert_allclose(np.asarray(res.theta), np.asarray(ref.theta), rtol=0, atol=1e-10)
+
+
+def _numpy_glm_terms(family, x, y, theta):
+    eta = x @ theta
+    p = 1 / (1 + np.exp(-eta)) if family == "logistic" else np.exp(eta)
+    c = p * (1 - p) if family == "logistic" else p
+    return x.T @ (y - p), (x * c[:, None]).T @ x
+
+
+@pytest.mark.parametrize("family", ["logistic", "poisson"])
+def test_extended_pool_start_is_the_newton_step_on_the_extended_pool(family):
+    """From the MLE of a pool and that pool's Hessian there, the start is the first Newton
+    step on the pool plus one batch (the pool's gradient vanishes at its MLE); from an
+    empty pool (zero Hessian) it is the first Newton step on the batch; a singular system
+    returns theta itself."""
+    from collapse_jax._estimators import extended_pool_start, glm_newton
+
+    x, y = _pool(family, 4, 50, 3, seed=21)
+    old_x, old_y = x[:3].reshape(-1, 3), y[:3].reshape(-1)
+    mle = np.asarray(glm_newton(jnp.asarray(old_x), jnp.asarray(old_y), family=family).theta)
+    g_old, h_old = _numpy_glm_terms(family, old_x, old_y, mle)
+    assert np.abs(g_old).max() < 1e-9
+    all_x, all_y = x.reshape(-1, 3), y.reshape(-1)
+    g_all, h_all = _numpy_glm_terms(family, all_x, all_y, mle)
+    want = mle + np.linalg.solve(h_all, g_all)
+    got = extended_pool_start(family, jnp.asarray(x[3]), jnp.asarray(y[3]), jnp.asarray(mle),
+                              jnp.asarray(h_old))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-12)
+    assert np.abs(want - mle).max() > 1e-3  # a real step, not theta
+
+    theta = np.array([0.1, -0.2, 0.05])
+    g_b, h_b = _numpy_glm_terms(family, x[0], y[0], theta)
+    got = extended_pool_start(family, jnp.asarray(x[0]), jnp.asarray(y[0]), jnp.asarray(theta),
+                              jnp.zeros((3, 3)))
+    np.testing.assert_allclose(np.asarray(got), theta + np.linalg.solve(h_b, g_b), rtol=0,
+                               atol=1e-12)
+
+    flat = x[0].copy()
+    flat[:, 2] = 0.0  # the third coefficient is not identified: H_b singular
+    got = extended_pool_start(family, jnp.asarray(flat), jnp.asarray(y[0]), jnp.asarray(theta),
+                              jnp.zeros((3, 3)))
+    np.testing.assert_array_equal(np.asarray(got), theta)
+
+
+def test_pooled_fit_from_the_extended_pool_start_needs_fewer_hessians():
+    """Counted eagerly: the fit on 4 batches from `extended_pool_start` (built from the
+    3-batch fit's returned Hessian) evaluates fewer pool Hessians than from the 3-batch
+    MLE, and reaches the same MLE within the stopping rule's tolerance."""
+    import jax
+
+    from collapse_jax import _estimators
+    from collapse_jax._estimators import extended_pool_start, glm_newton_pooled
+
+    x, y = _pool("logistic", 4, 200, 3, seed=8)
+    chunks_x, chunks_y = _chunked(x, (2, 2)), _chunked(y, (2, 2))
+    three, hess = glm_newton_pooled(chunks_x, chunks_y, jnp.asarray(3), jnp.zeros(3))
+    assert bool(three.converged)
+    start = extended_pool_start("logistic", jnp.asarray(x[3]), jnp.asarray(y[3]), three.theta,
+                                hess)
+    hessians = {}
+    terms = _estimators._glm_terms
+    for name, init in (("previous", three.theta), ("predicted", start)):
+        calls = []
+
+        def counting(*args):
+            calls.append(1)
+            return terms(*args)
+
+        with jax.disable_jit(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_estimators, "_glm_terms", counting)
+            res, _ = glm_newton_pooled(chunks_x, chunks_y, jnp.asarray(4), init)
+        assert bool(res.converged)
+        hessians[name] = (len(calls) // 2, np.asarray(res.theta))  # two chunks per pass
+    tol = np.sqrt(np.finfo(np.float64).eps) * (1 + np.abs(hessians["previous"][1]).max())
+    np.testing.assert_allclose(hessians["predicted"][1], hessians["previous"][1], rtol=0,
+                               atol=2 * tol)
+    assert hessians["predicted"][0] < hessians["previous"][0]
 
 
 def test_newton_reusing_hessian_falls_back_to_newton_when_reuse_stalls():
@@ -196,8 +273,8 @@ def test_newton_reusing_hessian_falls_back_to_newton_when_reuse_stalls():
         return -((t - 1) ** 3) - 1e-6 * (t - 1), (3 * (t - 1) ** 2 + 1e-6)[:, None]
 
     with jax.disable_jit():
-        res = _newton_reusing_hessian(gradient_and_hessian, gradient, jnp.asarray([1.5]), 50,
-                                      jnp.float64)
+        res, _ = _newton_reusing_hessian(gradient_and_hessian, gradient, jnp.asarray([1.5]), 50,
+                                         jnp.float64)
     assert bool(res.converged)
     assert abs(float(res.theta[0]) - 1) < np.sqrt(np.finfo(np.float64).eps) * 2
     order = "".join(calls)
@@ -213,10 +290,10 @@ def test_pooled_newton_flags_separable_pools():
     x = np.array([[[1.0, -2.0], [1.0, -1.0]], [[1.0, 1.0], [1.0, 2.0]], [[5.0, 5.0], [1.0, 0.0]]])
     y = np.array([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # batches 0-1 separated by feature 2
     start = jnp.asarray([0.0, 0.1])
-    res = glm_newton_pooled(_chunked(x, (2, 1)), _chunked(y, (2, 1)), jnp.asarray(2), start)
+    res, _ = glm_newton_pooled(_chunked(x, (2, 1)), _chunked(y, (2, 1)), jnp.asarray(2), start)
     assert not bool(res.converged)
     np.testing.assert_array_equal(np.asarray(res.theta), np.asarray(start))
-    both = glm_newton_pooled(_chunked(x, (2, 1)), _chunked(y, (2, 1)), jnp.asarray(3), start)
+    both, _ = glm_newton_pooled(_chunked(x, (2, 1)), _chunked(y, (2, 1)), jnp.asarray(3), start)
     assert bool(both.converged)  # batch 2 breaks the separation
 
 
