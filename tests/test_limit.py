@@ -197,7 +197,7 @@ def test_multivariate_with_fisher_information():
 
 def test_multivariate_paths_feed_the_same_moments_as_the_kernel():
     # d = 3, two workflows, a residual R_g: the kernel's per-workflow sums
-    # (the diagonal blocks of one Gram matrix of every workflow's features)
+    # (read off one Gram matrix of every workflow's [U_g, U_g^2] rows and the shared U_1's)
     # are block_moments of the paths, entry for entry.
     fisher = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]])
     cfg = LimitConfig(
