@@ -367,11 +367,15 @@ def _matvec(m: jax.Array, v: jax.Array) -> jax.Array:
 def build_noise(spec: _Spec) -> Callable[[jax.Array], jax.Array]:
     """All standard-normal noise of a batch of trajectories.
 
-    Returns `noise(keys) -> array (R, G, k, d)` (spec dtype): `keys` shape
+    Returns `noise(keys) -> array (G, k, d, R)` (spec dtype): `keys` shape
     (R,), the trajectories' typed keys ``k_r = fold_in(key(seed), r)``;
-    ``noise[r] = _random.normal(k_r, (G, k, d))``, generation g's slice ``[g-1]``
-    holding the standard normals behind Z_g, then R_g (if V != I^{-1}), then
-    C_g (if a subsample workflow is simulated).
+    ``noise[..., r] = _random.normal(k_r, (G, k, d))``, generation g's slice
+    ``[g-1]`` holding the standard normals behind Z_g, then R_g (if V !=
+    I^{-1}), then C_g (if a subsample workflow is simulated).  Drawn in this
+    generation-major, trajectory-minor layout (``vmap(..., out_axes=3)``), so
+    each scan step reads one contiguous (k, d, R) slice and no transpose is
+    needed: 2-8% faster than drawing (R, G, k, d) and transposing (measured
+    on the AMD EPYC host, alternating runs), the same numbers.
 
     Threefry is counter-based: entry (g, j, i) is a hash of k_r and its flat
     index, so the generation is the counter.  With JAX's default
@@ -384,7 +388,7 @@ def build_noise(spec: _Spec) -> Callable[[jax.Array], jax.Array]:
     rows, G, d, dt = spec.noise_rows, spec.generations, spec.d, jnp.dtype(spec.dtype)
 
     def noise(keys: jax.Array) -> jax.Array:
-        return jax.vmap(lambda k: _random.normal(k, (G, rows, d), dt))(keys)
+        return jax.vmap(lambda k: _random.normal(k, (G, rows, d), dt), out_axes=3)(keys)
 
     return noise
 
@@ -433,12 +437,12 @@ def build_step(
 def _scan_generations(spec: _Spec, params: LimitParams, noise: jax.Array, emit):
     """Run the recursion over generations for a batch of trajectories.
 
-    `noise` (R, G, k, d) from `build_noise`; after every generation,
+    `noise` (G, k, d, R) from `build_noise`; after every generation,
     ``emit(U_g, U_1) -> y`` (arrays (W, d, R)); returns the ``y`` stacked
     along a leading generation axis.
     """
     step = build_step(spec)
-    R, W, d, dt = noise.shape[0], len(spec.workflows), spec.d, jnp.dtype(spec.dtype)
+    R, W, d, dt = noise.shape[-1], len(spec.workflows), spec.d, jnp.dtype(spec.dtype)
 
     def body(carry, x):
         state, u1 = carry
@@ -448,9 +452,7 @@ def _scan_generations(spec: _Spec, params: LimitParams, noise: jax.Array, emit):
 
     zero = jnp.zeros((W, d, R), dt)
     g = jnp.arange(1, spec.generations + 1, dtype=jnp.uint32)
-    # Generation-major, trajectory-minor noise: each step reads one contiguous (k, d, R) slice.
-    xs = (jnp.transpose(noise, (1, 2, 3, 0)), g)
-    _, ys = jax.lax.scan(body, (LimitState(zero, zero), zero), xs)
+    _, ys = jax.lax.scan(body, (LimitState(zero, zero), zero), (noise, g))
     return ys
 
 
