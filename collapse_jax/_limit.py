@@ -438,8 +438,9 @@ def _scan_generations(spec: _Spec, params: LimitParams, noise: jax.Array, emit):
     """Run the recursion over generations for a batch of trajectories.
 
     `noise` (G, k, d, R) from `build_noise`; after every generation,
-    ``emit(U_g, U_1) -> y`` (arrays (W, d, R)); returns the ``y`` stacked
-    along a leading generation axis.
+    ``emit(U_g, U_1) -> y`` (U_g (W, d, R); U_1 (d, R), the same in every
+    workflow: U_1 = P_1); returns the ``y`` stacked along a leading
+    generation axis.
     """
     step = build_step(spec)
     R, W, d, dt = noise.shape[-1], len(spec.workflows), spec.d, jnp.dtype(spec.dtype)
@@ -447,12 +448,12 @@ def _scan_generations(spec: _Spec, params: LimitParams, noise: jax.Array, emit):
     def body(carry, x):
         state, u1 = carry
         state = step(params, state, *x)
-        u1 = jnp.where(x[1] == 1, state.estimate, u1)
+        u1 = jnp.where(x[1] == 1, state.estimate[0], u1)
         return (state, u1), emit(state.estimate, u1)
 
     zero = jnp.zeros((W, d, R), dt)
     g = jnp.arange(1, spec.generations + 1, dtype=jnp.uint32)
-    _, ys = jax.lax.scan(body, (LimitState(zero, zero), zero), (noise, g))
+    _, ys = jax.lax.scan(body, (LimitState(zero, zero), zero[0]), (noise, g))
     return ys
 
 
@@ -527,7 +528,7 @@ def build_block(spec: _Spec) -> Callable[[jax.Array, jax.Array, jax.Array, Limit
                 # 2d(W + 1) + 1 rows beats a batched one, and the earlier Gram of 4dW
                 # rows (W = 4, d = 1: 11 rows against 16) did twice the work.
                 u = u.astype(jnp.float64) * weight[None, None, :]  # (W, d, R)
-                u1 = u1[0].astype(jnp.float64) * weight[None, :]  # (d, R), any workflow's
+                u1 = u1.astype(jnp.float64) * weight[None, :]  # (d, R)
                 rows = jnp.concatenate([
                     jnp.concatenate([u, u * u], axis=1).reshape(W * 2 * d, _CHUNK),
                     u1, u1 * u1, weight[None, :],
