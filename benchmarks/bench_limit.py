@@ -6,9 +6,9 @@ One process, one table (d = 1, MLE: V = I^{-1} = 1).  Rows:
 
 - ``jax all-4``: `limit_monte_carlo` with the four workflows in one kernel
   (common random numbers, what ``collapse-jax figure1`` runs), `--draws`
-  draws (default 10^6); with `--large` also 10^7.  In one process, and
-  with `--workers` processes (default 2; the compile column is then the
-  slowest worker's compile, which overlaps the other's run).
+  draws (default 10^6); with `--large` also 10^7.  One block at a time,
+  and `--workers` blocks at once in threads (default 2; what
+  `limit_monte_carlo` does by default on CPU).
 - ``jax <workflow>``: one workflow per kernel, `--single-draws` draws each
   (default 250,000): the per-workflow rate.
 - ``numpy all-4`` / ``numpy <workflow>``: a plain vectorized numpy program of
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--single-draws", type=int, default=250_000)
     ap.add_argument("--numpy-draws", type=int, default=100_000)
     ap.add_argument(
-        "--workers", type=int, default=2, help="also time all-4 with this many worker processes"
+        "--workers", type=int, default=2, help="also time all-4 with this many blocks at once (threads)"
     )
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
@@ -160,7 +160,8 @@ def main() -> None:
     )
     sizes = [args.draws] + ([10_000_000] if args.large else [])
     for n in sizes:
-        res = limit_monte_carlo(LimitConfig(workflows=WORKFLOWS, generations=G, draws=n))
+        res = limit_monte_carlo(LimitConfig(workflows=WORKFLOWS, generations=G, draws=n),
+                                workers=1)
         row("jax all-4", 4, n, res.wall_time, res.compile_time, zmax(res.summaries, G))
         if args.workers > 1:
             res = limit_monte_carlo(
@@ -169,7 +170,8 @@ def main() -> None:
             name = f"jax all-4 ({args.workers} workers)"
             row(name, 4, n, res.wall_time, res.compile_time, zmax(res.summaries, G))
     for w in WORKFLOWS:
-        res = limit_monte_carlo(LimitConfig(workflows=w, generations=G, draws=args.single_draws))
+        res = limit_monte_carlo(LimitConfig(workflows=w, generations=G, draws=args.single_draws),
+                                workers=1)
         row(
             f"jax {w}",
             1,

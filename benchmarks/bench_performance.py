@@ -403,6 +403,7 @@ class Runner:
             "engine_first_call_s": eng["first_call_s"],
             "engine_run_s": eng["run_s"],
             "engine_run_cpu_s": eng["run_cpu_s"],
+            "engine_workers": eng["result"].workers,
             "engine_fits_per_s": eng_rate,
             "engine_fits_per_cpu_s": fits / eng["run_cpu_s"] if eng["run_cpu_s"] > 0 else None,
             "engine_peak_delta_bytes": _max_delta(eng["probe"], skip_first=compiled),
@@ -465,7 +466,7 @@ def _mb(x) -> str:
 
 
 ROW_HEADER = (
-    f"{'case':36} {'R':>7} | {'engine f/s':>11} {'c/w':>4} {'comp s':>6} {'MB':>5} | "
+    f"{'case':36} {'R':>7} | {'engine f/s':>11} {'c/w':>4} {'w':>1} {'comp s':>6} {'MB':>5} | "
     f"{'numpy f/s':>10} {'c/w':>4} {'MB':>5} | {'eng/np':>7} {'(cpu)':>7} | "
     f"{'loop f/s':>9} {'eng/loop':>8} | {'%nrm':>5} {'%flop':>6} | {'alive e/n':>9} {'|z|':>5}"
 )
@@ -477,7 +478,7 @@ def row_line(r: dict) -> str:
     comp = r["engine_compile_s"]
     return (
         f"{r['name'].removeprefix('grid/'):36} {r['trajectories']:>7} | "
-        f"{_rate(r['engine_fits_per_s']):>11} {_f(cw_e, '.1f', 4)} "
+        f"{_rate(r['engine_fits_per_s']):>11} {_f(cw_e, '.1f', 4)} {r.get('engine_workers', '-')} "
         f"{('cached' if comp is None else f'{comp:.2f}'):>6} "
         f"{_mb(r['engine_peak_delta_bytes']):>5} | "
         f"{_rate(r['numpy_fits_per_s']):>10} {_f(cw_n, '.1f', 4)} "
@@ -536,6 +537,7 @@ def measure_limit(engine_draws: tuple[int, ...], numpy_draws: int, ceilings: lis
             "name": f"limit/{draws:.0e}".replace("+0", ""), "draws": draws,
             "engine_compile_s": compile_s, "engine_wall_s": res.wall_time, "engine_run_s": run,
             "engine_run_cpu_s": cpu, "engine_draws_per_s": draws / run,
+            "engine_workers": res.workers,
             "engine_steps_per_s": steps,
             "engine_steps_per_cpu_s": draws * LIMIT_G * W / cpu,
             "engine_peak_delta_bytes": mem["delta"],
@@ -1015,15 +1017,16 @@ def main(argv: list[str] | None = None) -> dict:
                                                          for x in mode["limit"]], strict=True)
                       if nm in todo["limit"])
         print(f"\n== limit process: limit_monte_carlo, {len(LIMIT_WORKFLOWS)} workflows, "
-              f"G={LIMIT_G}, d=1, one process; numpy on {mode['numpy_limit']:,} draws")
+              f"G={LIMIT_G}, d=1, one process (w: blocks at once, threads); numpy on {mode['numpy_limit']:,} draws")
         limit = measure_limit(draws, mode["numpy_limit"], ceilings)
         nr = limit["numpy"]
-        print(f"{'case':14} {'draws':>11} {'compile s':>9} {'run s':>8} {'c/w':>4} "
+        print(f"{'case':14} {'draws':>11} {'compile s':>9} {'run s':>8} {'c/w':>4} {'w':>1} "
               f"{'steps/s':>10} {'MB':>6} | {'numpy steps/s':>13} {'c/w':>4} | {'eng/np':>7} "
               f"{'(cpu)':>7} | {'%nrm':>5} {'|z|':>5}")
         for r in limit["engine"]:
             print(f"{r['name']:14} {r['draws']:>11,} {r['engine_compile_s']:>9.2f} "
                   f"{r['engine_run_s']:>8.2f} {r['engine_run_cpu_s'] / r['engine_run_s']:>4.1f} "
+                  f"{r['engine_workers']} "
                   f"{r['engine_steps_per_s']:>10.3g} {_mb(r['engine_peak_delta_bytes']):>6} | "
                   f"{nr['steps_per_s']:>13.3g} {nr['run_cpu_s'] / nr['run_s']:>4.1f} | "
                   f"{_ratio(r['engine_over_numpy']):>7} {_ratio(r['engine_over_numpy_cpu']):>7} | "

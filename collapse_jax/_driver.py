@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._compile import jit
+from ._concurrency import check_workers, default_workers, in_order, max_workers
 from ._config import SimulationConfig
 from ._data import ModelParams
 from ._engine import (
@@ -51,6 +52,7 @@ from ._statistics import (
 
 _COMPILED: dict[tuple, Any] = {}
 _COMPILE_SECONDS: dict[tuple, float] = {}
+_MAX_WORKERS: dict[tuple, int] = {}
 
 
 def compile_count() -> int:
@@ -70,6 +72,7 @@ class SimulationResult(NamedTuple):
     devices: int = 1  # devices that ran blocks (all processes together).
     processes: int = 1  # JAX processes (jax.distributed) that took part.
     metrics: MetricSummary | None = None  # the model's per-generation metrics (metrics.csv).
+    workers: int = 1  # blocks that ran at once on one device (threads; `simulate`).
 
     def rows(self) -> list[list[Any]]:
         """`summary.csv` rows (see `SUMMARY_COLUMNS`)."""
@@ -188,14 +191,21 @@ def _compiled_block(spec: StaticSpec, params: ModelParams, layout: Layout | None
             fn = _scaling.shard_blocks(build_block(spec), mesh, spec.block_size)
             args = _scaling.abstract((*scalars, params), mesh)
             _COMPILED[key] = _scaling.compile_sharded(fn, args, layout.devices)
+            _MAX_WORKERS[key] = 1
         else:
-            _COMPILED[key] = jit(build_block(spec)).lower(*scalars, params).compile()
+            lowered = jit(build_block(spec)).lower(*scalars, params)
+            _COMPILED[key] = lowered.compile()
+            _MAX_WORKERS[key] = max_workers(lowered)
         _COMPILE_SECONDS[key] = time.perf_counter() - t0
     return _COMPILED[key], key
 
 
 def _block_runner(spec: StaticSpec, params: ModelParams, layout: Layout, seed: int, total: int):
-    """``run(b) -> [BlockResult (numpy)] * D`` for blocks b .. b + D - 1, and the compile key."""
+    """``run(b) -> [BlockResult (numpy)] * D`` for blocks b .. b + D - 1, and the compile key.
+
+    Thread-safe: `run` may be called from several threads at once (one
+    device, at most `_concurrency.max_workers` of the kernel).
+    """
     from . import _scaling
 
     compiled, key = _compiled_block(spec, params, layout)
@@ -329,6 +339,7 @@ def simulate(
     out: str | Path | None = None,
     force: bool = False,
     devices: int | None = None,
+    workers: int | None = None,
 ) -> SimulationResult:
     """Run ``config.trajectories`` trajectories and summarise them per generation.
 
@@ -350,6 +361,15 @@ def simulate(
       of the results: a checkpoint written with one count resumes with any
       other.  Under `jax.distributed` every process calls `simulate` with the
       same arguments; all return the result, only process 0 writes `out`.
+    - `workers`: blocks run at once on one device, in threads of this process
+      (`_concurrency`).  Default: `default_workers` (min(2, CPUs) on the CPU
+      backend, where XLA runs part of every kernel on one thread; 1 on a
+      GPU/TPU).  Fewer where concurrent blocks could deadlock in jaxlib's
+      LAPACK kernels (`_concurrency.max_workers`: one on two cores for
+      kernels with large batched Cholesky or triangular solves), and one
+      with several devices (`SimulationResult.workers` tells).
+      Each block in flight holds its own buffers (`block_cap`).  Not part of
+      the results, like `devices`.
 
     **Returns:** `SimulationResult`.
 
@@ -365,6 +385,7 @@ def simulate(
     from . import _scaling
 
     _scaling.check_devices(devices)
+    check_workers(workers)
     x = _check_design(config, design_matrix)
     spec = _spec(config, x)
     params = _params(config, x)
@@ -388,22 +409,29 @@ def simulate(
     t_start = time.perf_counter()
     run, ckey = _block_runner(spec, params, layout, config.seed, R)
     compile_time = _COMPILE_SECONDS.pop(ckey, 0.0)
+    workers = min(default_workers() if workers is None else workers, _MAX_WORKERS[ckey])
     t_run = time.perf_counter()
-    for b0 in range(first, n_blocks, D):
-        # Blocks b0 .. b0 + D - 1 ran at once; merge them one by one in block order,
-        # exactly the additions of a one-device run (blocks >= n_blocks are padding).
-        for res in run(b0)[: n_blocks - b0]:
-            moments = merge_moments(moments, res.moments)
-            failed = failed + res.failed
-            iterations = iterations + res.iterations
-            metrics = metrics + res.metrics
-        done_blocks = min(b0 + D, n_blocks)
-        if ckpt is not None and writer:
-            _save_checkpoint(ckpt, fp, B, done_blocks, moments, failed, iterations, metrics)
-        if say:
-            done = min(done_blocks * B, R)
-            rate = (done - first * B) / max(time.perf_counter() - t_run, 1e-9)
-            say(_progress_line(done, R, rate, summarize(moments)))
+    starts = range(first, n_blocks, D)
+    ran = in_order(run, starts, workers)
+    try:
+        for b0, results in zip(starts, ran, strict=True):
+            # Blocks b0 .. b0 + D - 1 ran at once; merge them one by one in block order,
+            # exactly the additions of a one-device, one-thread run (blocks >= n_blocks
+            # are padding).
+            for res in results[: n_blocks - b0]:
+                moments = merge_moments(moments, res.moments)
+                failed = failed + res.failed
+                iterations = iterations + res.iterations
+                metrics = metrics + res.metrics
+            done_blocks = min(b0 + D, n_blocks)
+            if ckpt is not None and writer:
+                _save_checkpoint(ckpt, fp, B, done_blocks, moments, failed, iterations, metrics)
+            if say:
+                done = min(done_blocks * B, R)
+                rate = (done - first * B) / max(time.perf_counter() - t_run, 1e-9)
+                say(_progress_line(done, R, rate, summarize(moments)))
+    finally:
+        ran.close()  # on an error: cancels the blocks not started, waits for the running
 
     summary = summarize(moments)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -419,6 +447,7 @@ def simulate(
         block_size=B,
         devices=D,
         processes=layout.processes,
+        workers=workers,
         metrics=summarize_metrics(names, summary.count, metrics),
     )
     if out is not None and writer:
@@ -458,8 +487,9 @@ def write_outputs(result: SimulationResult, out: Path, fp: str,
         "wall_time_s": result.wall_time,
         "compile_time_s": result.compile_time,
         "block_size": result.block_size,
-        "scaling": (layout.record() if layout is not None else
-                    {"processes": result.processes, "devices": result.devices}),
+        "scaling": {**(layout.record() if layout is not None else
+                       {"processes": result.processes, "devices": result.devices}),
+                    "workers": result.workers},
         "columns": {
             "variance_ratio": "trace ratio tr Cov(theta_g) / tr Cov(theta_1); per-coordinate ratios "
                               "are in coordinates.csv",

@@ -18,7 +18,7 @@ numbers), optionally overlays the finite-n engine (`simulate`), and writes
 
 Every file is written atomically (temporary file + ``os.replace``).
 Defaults reproduce the paper's figure: G = 100, 10^6 draws, d = 1, float64;
-the Monte Carlo blocks run in ``--workers`` processes (default min(2, CPUs)
+``--workers`` Monte Carlo blocks run at once, in threads (default min(2, CPUs)
 on CPU, 1 on GPU/TPU; the numbers do not depend on it).
 """
 
@@ -40,7 +40,6 @@ from ._limit import (
     _CHUNK,
     LimitConfig,
     LimitResult,
-    default_workers,
     limit_monte_carlo,
     limit_ratio,
 )
@@ -109,8 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="processes running Monte Carlo blocks (default: min(2, CPUs) on CPU, 1 on GPU/TPU); "
-        "same results for any",
+        help="Monte Carlo blocks run at once, in threads (default: min(2, CPUs) on CPU, 1 on "
+        "GPU/TPU); same results for any",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -298,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
         args.precision,
         max_draws=args.max_draws,
         progress=say or False,
-        workers=args.workers or default_workers(),
+        workers=args.workers,
     )
 
     finite: dict[str, Any] = {}
@@ -375,6 +374,7 @@ def main(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "draws_per_workflow": {w: result.draws for w in WORKFLOWS},
         "blocks": result.blocks,
+        "workers": result.workers,
         "common_random_numbers": "the four workflows share each draw's Z_g and C_g noises",
         "wall_time_seconds": {
             "total": time.perf_counter() - t0,

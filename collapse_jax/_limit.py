@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +59,7 @@ import numpy as np
 
 from . import _random
 from ._compile import jit
+from ._concurrency import check_workers, default_workers, in_order, max_workers
 from ._config import DTYPES, WORKFLOWS, _choice, _positive_int
 from ._statistics import Moments, Summary, merge_moments, summarize, zero_moments
 
@@ -560,13 +560,14 @@ def trace_count() -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(spec: _Spec) -> tuple[Any, float]:
-    """The ahead-of-time compiled block kernel for `spec`, and the seconds compiling took."""
+def _compiled(spec: _Spec) -> tuple[Any, float, int]:
+    """The ahead-of-time compiled block kernel for `spec`, the seconds compiling took, and
+    the most blocks that may run at once (`_concurrency.max_workers`)."""
     t0 = time.perf_counter()
     eye = jnp.eye(spec.d, dtype=jnp.dtype(spec.dtype))
     args = (jax.random.key(0), jnp.uint32(0), jnp.uint32(1), LimitParams(eye, eye, eye, eye, eye))
-    compiled = jit(build_block(spec)).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+    lowered = jit(build_block(spec)).lower(*args)
+    return lowered.compile(), time.perf_counter() - t0, max_workers(lowered)
 
 
 @functools.lru_cache(maxsize=16)
@@ -588,6 +589,7 @@ class LimitResult(NamedTuple):
     wall_time: float  # seconds, this call, including compilation.
     compile_time: float  # seconds compiling in this call (0 when cached).
     worst_halfwidth: float  # max over workflows and g of the relative 95% half-width.
+    workers: int = 1  # blocks that ran at once (threads).
 
     @property
     def summary(self) -> Summary:
@@ -611,11 +613,6 @@ def _worst(summaries: dict[str, Summary]) -> tuple[float, str]:
     return worst, where
 
 
-def default_workers() -> int:
-    """Worker processes for `limit_monte_carlo` by default: min(2, CPUs) on CPU, else 1."""
-    return min(2, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
-
-
 def _blocks(draws: int, block: int, cap: int | None):
     """The block schedule: (start, stop) covering [0, draws), then (if `cap`) more up to `cap`."""
     start, end = 0, draws
@@ -627,49 +624,21 @@ def _blocks(draws: int, block: int, cap: int | None):
             end = cap
 
 
-def _run_block(config: LimitConfig, start: int, stop: int) -> tuple[Moments, float]:
-    """One block in this process: its `Moments` (numpy) and the seconds spent compiling."""
+def _block_runner(config: LimitConfig) -> tuple[Callable[[tuple[int, int]], Moments], float, int]:
+    """``run((start, stop)) -> Moments`` (numpy) for one block (thread-safe), the seconds
+    compiling took in this call (0 when cached) and the most blocks that may run at once."""
     hits = _compiled.cache_info().hits
-    compiled, compile_time = _compiled(_Spec.from_config(config))
+    compiled, compile_time, most = _compiled(_Spec.from_config(config))
     if _compiled.cache_info().hits > hits:
         compile_time = 0.0
-    m = compiled(
-        jax.random.key(config.seed), jnp.uint32(start), jnp.uint32(stop), limit_params(config)
-    )
-    return Moments(*(np.asarray(x) for x in jax.device_get(m))), compile_time
+    key, params = jax.random.key(config.seed), limit_params(config)
 
+    def run(block: tuple[int, int]) -> Moments:
+        start, stop = block
+        m = compiled(key, jnp.uint32(start), jnp.uint32(stop), params)
+        return Moments(*(np.asarray(x) for x in jax.device_get(m)))
 
-def _results(config: LimitConfig, schedule, workers: int):
-    """Yield each scheduled block's (stop, Moments, compile seconds), in schedule order.
-
-    With `workers` > 1 the blocks run in that many spawned processes, at most
-    2 * workers ahead of the consumer; the consumer sees the same blocks in
-    the same order, so the merged sums are bitwise those of one process.
-    Blocks run ahead of a stop are discarded (the pool is shut down).
-    """
-    if workers == 1:
-        for start, stop in schedule:
-            yield (stop, *_run_block(config, start, stop))
-        return
-    import collections
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn, not fork: a forked child would inherit JAX's runtime threads.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        ahead: collections.deque = collections.deque()
-        try:
-            for start, stop in schedule:
-                ahead.append((stop, pool.submit(_run_block, config, start, stop)))
-                if len(ahead) >= 2 * workers:
-                    stop0, fut = ahead.popleft()
-                    yield (stop0, *fut.result())
-            while ahead:
-                stop0, fut = ahead.popleft()
-                yield (stop0, *fut.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    return run, compile_time, most
 
 
 def limit_monte_carlo(
@@ -678,7 +647,7 @@ def limit_monte_carlo(
     *,
     max_draws: int | None = None,
     progress: bool | Callable[[str], None] = False,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> LimitResult:
     """Monte Carlo of the limit process, streamed through the moment statistics.
 
@@ -692,12 +661,13 @@ def limit_monte_carlo(
     - `max_draws`: cap for the precision mode (default 2^32 - block_size).
     - `progress`: True prints a line per block to stderr (draws done, draws/s,
       worst relative half-width); a callable receives the line instead.
-    - `workers`: processes running blocks.  1 (default): this process.  More:
-      that many spawned processes (XLA runs this kernel on one CPU thread, so
-      on a 2-core machine 2 workers are ~2x faster; each worker imports JAX
-      and compiles once, a few seconds).  The result does not depend on it.
-      CPU backend only (`default_workers`): on a GPU two workers ran out of
-      device memory, and one process keeps the device busy.
+    - `workers`: blocks run at once, in threads of this process
+      (`_concurrency`).  Default: `default_workers` (min(2, CPUs) on the CPU
+      backend, where XLA runs much of this kernel on one thread: two blocks
+      at once ran 1.4-1.6x as many draws per second on two cores; 1 on a
+      GPU/TPU).  Fewer where `_concurrency.max_workers` says so (this
+      kernel has no custom calls; `LimitResult.workers` tells).  Each block
+      in flight holds its own buffers.  The numbers do not depend on it.
 
     **Returns:** `LimitResult`.  Deterministic in (config, precision,
     max_draws): the same draws for any block size, summaries equal to
@@ -721,13 +691,7 @@ def limit_monte_carlo(
         raise ValueError(
             f"max_draws must be an integer in [draws, 2**32 - block_size], got {max_draws!r}"
         )
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if workers > 1 and jax.default_backend() != "cpu":
-        raise ValueError(
-            f"workers={workers} runs blocks in CPU processes; on the {jax.default_backend()} "
-            "backend use workers=1 (one process keeps the device busy, and every worker "
-            "would claim its own share of device memory)")
+    check_workers(workers)
     say = (
         (lambda s: print(s, file=sys.stderr, flush=True))
         if progress is True
@@ -738,14 +702,14 @@ def limit_monte_carlo(
     W, G, d = len(config.workflows), config.generations, config.d
     moments = Moments(*(np.broadcast_to(x, (W, *x.shape)).copy() for x in zero_moments(G, d)))
     done = blocks = 0
-    compile_time = 0.0
     schedule = _blocks(config.draws, B, cap if precision is not None else None)
-    results = _results(config, schedule, workers)
+    run, compile_time, most = _block_runner(config)
+    workers = min(default_workers() if workers is None else workers, most)
+    results = in_order(lambda block: (block[1], run(block)), schedule, workers)
     try:
-        for stop, m, seconds in results:
+        for stop, m in results:
             moments = merge_moments(moments, m)
             done, blocks = stop, blocks + 1
-            compile_time = max(compile_time, seconds)
             check = precision is not None and done >= config.draws
             if say is not None or check:
                 worst, where = _worst({w: summarize(x) for w, x in _split(config, moments).items()})
@@ -758,7 +722,7 @@ def limit_monte_carlo(
             if check and worst < precision:
                 break
     finally:
-        results.close()  # stops the pool, discarding blocks run ahead
+        results.close()  # discards the blocks run ahead
     per = _split(config, moments)
     summaries = {w: summarize(x) for w, x in per.items()}
     return LimitResult(
@@ -770,6 +734,7 @@ def limit_monte_carlo(
         wall_time=time.perf_counter() - t_start,
         compile_time=compile_time,
         worst_halfwidth=_worst(summaries)[0],
+        workers=workers,
     )
 
 

@@ -113,10 +113,9 @@ def test_precision_mode(tmp_path, small_run, capsys):
     assert err.count("[limit]") == m["blocks"] and "worst 95% rel. half-width" in err
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="worker processes are a CPU feature")
-def test_worker_processes_give_identical_files(tmp_path, small_run):
-    # Two spawned processes run the blocks; merged in block order, the sums
-    # (hence every CSV byte) are those of the single-process run.
+def test_workers_give_identical_files(tmp_path, small_run):
+    # Two threads run the blocks; merged in block order, the sums (hence every
+    # CSV byte) are those of the one-block-at-a-time run.
     argv = [a for a in SMALL if a not in ("--workers", "1")]
     assert _figure1.main(_args([*argv, "--workers", "2", "--out", str(tmp_path)])) == 0
     assert (tmp_path / "figure1.csv").read_bytes() == (small_run / "figure1.csv").read_bytes()

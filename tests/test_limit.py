@@ -7,7 +7,6 @@ implementation fails a single such check with probability ~6e-7.
 
 import math
 
-import jax
 import numpy as np
 import pytest
 
@@ -319,7 +318,7 @@ def test_bad_config(kwargs, match):
         LimitConfig(**kwargs)
 
 
-def test_bad_arguments(monkeypatch):
+def test_bad_arguments():
     with pytest.raises(ValueError, match="did you mean 'subsample'"):
         limit_exact("subsampel", 5)
     with pytest.raises(ValueError, match="generations"):
@@ -331,10 +330,8 @@ def test_bad_arguments(monkeypatch):
         limit_monte_carlo(BASE, precision=0.1, max_draws=10)
     with pytest.raises(ValueError, match="workers"):
         limit_monte_carlo(BASE, workers=0)
-    with monkeypatch.context() as m:  # worker processes are a CPU feature
-        m.setattr(jax, "default_backend", lambda: "gpu")
-        with pytest.raises(ValueError, match="on the gpu backend use workers=1"):
-            limit_monte_carlo(BASE, workers=2)
+    with pytest.raises(ValueError, match="workers"):
+        limit_monte_carlo(BASE, workers=1.5)
     with pytest.raises(ValueError, match="draws must be"):
         limit_trajectories(BASE, np.array([-1]))
     assert trace_count() == before  # rejected before anything was traced

@@ -193,7 +193,7 @@ def test_two_processes_match_one(tmp_path):
     assert [int(r["trajectories"]) for r in rows] == one.count.astype(int).tolist()
     run = json.loads((tmp_path / "p0" / "run.json").read_text())
     assert run["scaling"] == {"processes": 2, "devices": 4, "devices_per_process": 2,
-                              "platform": "cpu", "device_kind": "cpu"}
+                              "platform": "cpu", "device_kind": "cpu", "workers": 1}
 
 
 @pytest.mark.parametrize("argv, message", [
