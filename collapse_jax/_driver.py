@@ -131,14 +131,17 @@ def block_cap(config: SimulationConfig) -> int:
 def default_block_size(config: SimulationConfig) -> int:
     """Trajectories per block: the run split into equal blocks of at most `block_cap`.
 
-    The trajectories are split into the fewest blocks of at most the cap, of
-    equal size, so the last block pads fewer than one trajectory per block (20
-    trajectories under a cap of 16 run as 2 blocks of 10, not 2 of 16).
-    Results do not depend on it (checkpoints record it: see `simulate`).
+    The trajectories are split into the fewest blocks of at most the cap,
+    but at least `default_workers` of them (two on a CPU with two or more
+    cores, so that a small run of an expensive model still fills both; one
+    on a GPU/TPU), of equal size, so the last block pads fewer than one
+    trajectory per block (20 trajectories under a cap of 16 run as 2 blocks
+    of 10, not 2 of 16).  Results do not depend on it (checkpoints record
+    it: see `simulate`).
     """
     cap = block_cap(config)
     trajectories = max(1, config.trajectories)
-    blocks = -(-trajectories // cap)
+    blocks = max(-(-trajectories // cap), min(default_workers(), trajectories))
     return -(-trajectories // blocks)
 
 
@@ -280,8 +283,9 @@ def _load_checkpoint(path: Path, fp: str, force: bool, block_size: int):
                 return None
             raise ValueError(
                 f"{path.parent} was run in blocks of {int(z['block_size'])} trajectories and "
-                f"this run uses {block_size} (the default block size depends on the backend "
-                "and the device's memory; a config's explicit block_size does not): resume it "
+                f"this run uses {block_size} (the default block size depends on the backend, "
+                "the device's memory and the CPU count; a config's explicit block_size does "
+                "not): resume it "
                 "where it was started, or pass force=True (--force) to start afresh")
         m = Moments(z["count"], z["sum"], z["outer"])
         return int(z["blocks_done"]), m, z["failed"], z["iterations"], z["metrics"]

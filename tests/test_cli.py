@@ -145,9 +145,11 @@ def test_checkpoint_of_another_block_size_is_refused_unless_forced(tmp_path, mon
     count means nothing under another block size, so it must not be resumed."""
     cfg = cj.SimulationConfig(n=10, d=2, generations=2, trajectories=40)
     first = cj.simulate(cfg, out=tmp_path)
-    assert first.block_size == 40
+    workers = cj._driver.default_workers()
+    assert first.block_size == 40 // workers  # at least one block per default worker
     monkeypatch.setattr(cj._driver, "block_cap", lambda config: 16)  # another backend's default
-    with pytest.raises(ValueError, match="blocks of 40 trajectories and this run uses 14"):
+    with pytest.raises(ValueError,
+                       match=f"blocks of {40 // workers} trajectories and this run uses 14"):
         cj.simulate(cfg, out=tmp_path)
     again = cj.simulate(cfg, out=tmp_path, force=True)
     assert again.block_size == 14  # 40 under a cap of 16: 3 blocks of 14
