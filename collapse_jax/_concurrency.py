@@ -21,9 +21,10 @@ deadlock (`_scaling` meets the same hazard with several CPU devices).
 Reproduced here: the OLS augment kernel with a fixed design (one ``trsm``
 over a block of 2,041 10 x 10 factors) hung at once with two threads on two
 cores, both pool threads in ``jax::ParallelBatchMap`` waiting on a
-``BlockingCounter``.  `max_workers` therefore runs such kernels with fewer
-blocks at once than the pool has threads (one, on two cores), kernels with
-any other custom call one at a time, and the rest as asked.
+``BlockingCounter`` (that inverse is now unrolled for small d).
+`max_workers` therefore runs such kernels with fewer blocks at once than
+the pool has threads (one, on two cores), kernels with any other custom
+call one at a time, and the rest as asked.
 
 Determinism: callers merge the results in schedule order, so a run's
 numbers are bitwise those of one block at a time.

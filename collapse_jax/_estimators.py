@@ -18,9 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 
-from ._small_linalg import conditioning_ok, lapack_spd_solve, spd_solve
+from ._small_linalg import conditioning_ok, lapack_spd_solve, lower_transposed_solve, spd_solve
 
 
 class FitResult(NamedTuple):
@@ -365,8 +364,9 @@ def extended_pool_start(family: str, x: jax.Array, y: jax.Array, theta: jax.Arra
 
 
 def triangular_solve_transposed(chol: jax.Array, v: jax.Array) -> jax.Array:
-    """Solve L^T u = v for lower-triangular L: (d, d), (d,) -> (d,)."""
-    return solve_triangular(chol, v, lower=True, trans="T")
+    """Solve L^T u = v for lower-triangular L: (d, d), (d,) or (d, k) -> shaped as v
+    (`_small_linalg.lower_transposed_solve`: unrolled for small d)."""
+    return lower_transposed_solve(chol, v)
 
 
 def ridge_regression(x: jax.Array, y: jax.Array, penalty: jax.Array,

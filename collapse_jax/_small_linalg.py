@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve
+from jax.scipy.linalg import cho_solve, solve_triangular
 
 UNROLL_MAX_D = 12
 
@@ -102,3 +102,25 @@ def lapack_spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = cho_solve((chol, True), b)
     finite = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(x))
     return x, conditioning_ok(jnp.diagonal(chol), finite, jnp.diagonal(a))
+
+
+def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
+    """Solve L^T x = b for lower-triangular `low` (d, d); `b` (d,) or (d, k): x shaped as `b`.
+
+    Back substitution unrolled into d(d-1)/2 row updates for d <= `UNROLL_MAX_D`
+    (under ``vmap``, vector arithmetic instead of one LAPACK ``trsm`` per problem);
+    LAPACK above.  Besides speed, this keeps jaxlib's batched ``trsm``, which splits a
+    large batch over XLA's thread pool, out of the kernels that use it, so their
+    blocks may run in several threads at once (`_concurrency.max_workers`).  No
+    singularity test: callers check the factor.  Deterministic.
+    """
+    d = low.shape[-1]
+    if d > UNROLL_MAX_D:
+        return solve_triangular(low, b, lower=True, trans="T")
+    x = [None] * d
+    for i in reversed(range(d)):
+        s = b[i]
+        for k in range(i + 1, d):
+            s = s - low[k, i] * x[k]
+        x[i] = s / low[i, i]
+    return jnp.stack(x)

@@ -111,10 +111,11 @@ def test_simulate_workers_give_bitwise_identical_numbers():
 
 
 def test_simulate_holds_back_kernels_that_could_deadlock():
-    # OLS augment with a fixed design inverts each trajectory's Gram factor with one
-    # batched trsm over the block; 256 factors of 10 x 10 is over jaxlib's split
-    # threshold, so with two threads on two cores both could wait in it forever.
-    cfg = SimulationConfig(model="ols", workflow="augment", design="fixed", n=30, d=10,
+    # OLS augment with a fixed design inverts each trajectory's Gram factor; above
+    # UNROLL_MAX_D by one batched LAPACK trsm over the block, and 256 factors of 13 x 13
+    # is over jaxlib's split threshold, so with two threads on two cores both could wait
+    # in it forever (it hung at d = 10 before that inverse was unrolled).
+    cfg = SimulationConfig(model="ols", workflow="augment", design="fixed", n=30, d=13,
                            generations=3, trajectories=512, block_size=256, seed=2)
     r = simulate(cfg, workers=2)
     assert r.workers == min(2, max(1, intra_op_threads() - 1))

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax._small_linalg import UNROLL_MAX_D, spd_solve
+from collapse_jax._small_linalg import UNROLL_MAX_D, lower_transposed_solve, spd_solve
 
 
 @pytest.mark.parametrize("d", [1, 3, UNROLL_MAX_D, UNROLL_MAX_D + 1])
@@ -71,3 +71,22 @@ def test_gaussian_fit_flags_points_on_a_line():
     res = gaussian_fit(jnp.asarray(line), fallback=jnp.arange(5.0))
     assert not bool(res.converged)
     assert np.array_equal(np.asarray(res.theta), np.arange(5.0))
+
+
+@pytest.mark.parametrize("d", [1, 4, UNROLL_MAX_D, UNROLL_MAX_D + 1])
+def test_lower_transposed_solve_matches_float64_reference(d):
+    # Vector and matrix right-hand sides (the fixed-design kernels solve L^T X = I),
+    # vmapped: unrolled up to UNROLL_MAX_D, LAPACK above; no LAPACK call below it.
+    rng = np.random.default_rng(10 + d)
+    x = rng.standard_normal((32, 2 * d + 3, d))
+    low = np.linalg.cholesky(np.einsum("bni,bnj->bij", x, x))
+    v = rng.standard_normal((32, d))
+    eye = np.broadcast_to(np.eye(d), (32, d, d))
+    solve = jax.jit(jax.vmap(lower_transposed_solve))
+    got_v = np.asarray(solve(jnp.asarray(low), jnp.asarray(v)))
+    got_m = np.asarray(solve(jnp.asarray(low), jnp.asarray(eye)))
+    np.testing.assert_allclose(got_v, np.linalg.solve(np.swapaxes(low, 1, 2), v[..., None])[..., 0],
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got_m, np.linalg.inv(np.swapaxes(low, 1, 2)), rtol=1e-10, atol=1e-12)
+    hlo = solve.lower(jnp.asarray(low), jnp.asarray(eye)).as_text()
+    assert ("lapack" in hlo) == (d > UNROLL_MAX_D)
