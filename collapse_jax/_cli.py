@@ -99,7 +99,7 @@ def _run_simulate(args) -> int:
         x = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
     _scaling.initialize(processes)  # before anything touches a JAX backend
     res = simulate(config, design_matrix=x, progress=not args.quiet, out=args.out,
-                   force=args.force, devices=args.devices)
+                   force=args.force, devices=args.devices, workers=args.workers)
     if not _scaling.is_writer():
         return 0
     s = res.summary

@@ -444,6 +444,9 @@ def add_arguments(parser) -> None:
         "SLURM, Open MPI or on a TPU slice (see docs/scaling.md). Results do not depend on these.")
     g.add_argument("--devices", type=int, default=None, metavar="N",
                    help="devices per process to use (default: all local devices)")
+    g.add_argument("--workers", type=int, default=None, metavar="K",
+                   help="blocks run at once on one device, in threads (default: min(2, CPUs) on "
+                        "CPU, 1 on GPU/TPU; fewer where jaxlib's LAPACK could deadlock)")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run, letting JAX detect unset options from the "
                         "cluster (SLURM, Open MPI, Cloud TPU, Kubernetes)")

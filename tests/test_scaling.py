@@ -199,6 +199,7 @@ def test_two_processes_match_one(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--devices", "0"], "devices must be a positive integer"),
     (["--devices", "64"], "devices=64 but this process sees 1 cpu device"),
+    (["--workers", "0"], "workers must be a positive integer"),
     (["--num-processes", "2"], "give both --num-processes and --process-id"),
     (["--num-processes", "2", "--process-id", "2", "--coordinator-address", "h:1"],
      "process_id must be below num_processes"),
