@@ -413,7 +413,7 @@ def simulate(
     t_start = time.perf_counter()
     run, ckey = _block_runner(spec, params, layout, config.seed, R)
     compile_time = _COMPILE_SECONDS.pop(ckey, 0.0)
-    workers = min(default_workers() if workers is None else workers, _MAX_WORKERS[ckey])
+    workers = min(default_workers() if workers is None else workers, _MAX_WORKERS.get(ckey, 1))
     t_run = time.perf_counter()
     starts = range(first, n_blocks, D)
     ran = in_order(run, starts, workers)
