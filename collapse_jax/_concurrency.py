@@ -33,7 +33,6 @@ numbers are bitwise those of one block at a time.
 from __future__ import annotations
 
 import collections
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,11 +47,15 @@ R = TypeVar("R")
 def default_workers() -> int:
     """Blocks run at once by default: min(2, CPUs) on the CPU backend, else 1.
 
-    On a GPU or TPU one stream of blocks already keeps the device busy
-    (JAX dispatches asynchronously), and each block in flight holds its own
-    share of device memory.
+    CPUs: those this process may run on (`_scaling.intra_op_threads`, which
+    respects an affinity mask such as a SLURM allocation's).  On a GPU or
+    TPU one stream of blocks already keeps the device busy (JAX dispatches
+    asynchronously), and each block in flight holds its own share of device
+    memory.
     """
-    return min(2, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+    from ._scaling import intra_op_threads
+
+    return min(2, intra_op_threads()) if jax.default_backend() == "cpu" else 1
 
 
 def check_workers(workers: Any) -> None:

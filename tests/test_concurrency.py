@@ -82,7 +82,7 @@ def test_check_workers():
 
 def test_default_workers():
     cpu = jax.default_backend() == "cpu"
-    assert default_workers() == (min(2, __import__("os").cpu_count() or 1) if cpu else 1)
+    assert default_workers() == (min(2, intra_op_threads()) if cpu else 1)
 
 
 def test_max_workers_follows_the_lapack_hazard():

@@ -4,7 +4,6 @@ import argparse
 import csv
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import collapse_jax  # noqa: F401  (turns on float64)
 from collapse_jax import _figure1
 from collapse_jax._limit import default_workers, limit_ratio, trace_count
+from collapse_jax._scaling import intra_op_threads
 
 WORKFLOWS = ("discard", "augment", "subsample", "subsample-replace")
 SMALL = [
@@ -98,7 +98,7 @@ def test_defaults_match_the_paper():
     assert config.dtype == "float64" and finite == []
     assert args.workers is None  # resolved by default_workers(): min(2, CPUs) on CPU
     cpu = jax.default_backend() == "cpu"
-    assert default_workers() == (min(2, os.cpu_count() or 1) if cpu else 1)
+    assert default_workers() == (min(2, intra_op_threads()) if cpu else 1)
 
 
 def test_precision_mode(tmp_path, small_run, capsys):
