@@ -67,17 +67,9 @@ def check_workers(workers: Any) -> None:
 
 def custom_calls(lowered: Any) -> list[str]:
     """The custom-call targets of a lowered program (``jax.stages.Lowered``), in order."""
-    from jax.extend.mlir import ir
+    from ._scaling import custom_call_operands
 
-    found: list[str] = []
-
-    def visit(op):
-        if op.name == "stablehlo.custom_call":
-            found.append(ir.StringAttr(op.attributes["call_target_name"]).value)
-        return ir.WalkResult.ADVANCE
-
-    lowered.compiler_ir("stablehlo").operation.walk(visit)
-    return found
+    return [target for target, _ in custom_call_operands(lowered)]
 
 
 def max_workers(lowered: Any) -> int:
@@ -90,11 +82,12 @@ def max_workers(lowered: Any) -> int:
     runs at most ``threads - 1`` at once (1 on two cores); any other has no
     limit.  Callers cache the answer with the compiled kernel.
     """
-    from ._scaling import intra_op_threads, splitting_lapack_calls
+    from ._scaling import custom_call_operands, intra_op_threads, lapack_call_splits
 
-    if any(not target.startswith("lapack_") for target in custom_calls(lowered)):
+    calls = custom_call_operands(lowered)
+    if any(not target.startswith("lapack_") for target, _ in calls):
         return 1
-    if splitting_lapack_calls(lowered):
+    if any(lapack_call_splits(target, shapes) for target, shapes in calls):
         return max(1, intra_op_threads() - 1)
     return sys.maxsize
 

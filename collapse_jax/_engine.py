@@ -30,10 +30,10 @@ from ._estimators import (
     order_keys,
     pooled_median,
     solve_normal_equations,
-    triangular_solve_transposed,
     unvech,
     _cholesky_ok,
 )
+from ._small_linalg import lower_transposed_solve
 from ._statistics import Moments, block_moments
 
 
@@ -142,7 +142,7 @@ def build_trajectory(spec: StaticSpec):
             if not fresh:
                 c_fixed = _fixed_gram_factor(spec, key, params)
                 # One batch's OLS error is sigma C^{-T} z: precompute C^{-T} once per trajectory.
-                ct_inv = triangular_solve_transposed(c_fixed, jnp.eye(d, dtype=dtype))
+                ct_inv = lower_transposed_solve(c_fixed, jnp.eye(d, dtype=dtype))
                 design_ok = _cholesky_ok(c_fixed)
                 gram_fixed = c_fixed @ c_fixed.T
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._small_linalg import conditioning_ok, lapack_spd_solve, lower_transposed_solve, spd_solve
+from ._small_linalg import conditioning_ok, lapack_spd_solve, spd_solve
 
 
 class FitResult(NamedTuple):
@@ -361,12 +361,6 @@ def extended_pool_start(family: str, x: jax.Array, y: jax.Array, theta: jax.Arra
     # (the unrolled solve added ~2.5 s to the kernel's compile time at d = 10).
     step, ok = lapack_spd_solve(hessian + hess, grad)
     return jnp.where(ok, theta + step, theta)
-
-
-def triangular_solve_transposed(chol: jax.Array, v: jax.Array) -> jax.Array:
-    """Solve L^T u = v for lower-triangular L: (d, d), (d,) or (d, k) -> shaped as v
-    (`_small_linalg.lower_transposed_solve`: unrolled for small d)."""
-    return lower_transposed_solve(chol, v)
 
 
 def ridge_regression(x: jax.Array, y: jax.Array, penalty: jax.Array,

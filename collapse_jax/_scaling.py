@@ -190,6 +190,37 @@ def cpu_safe_devices(n: int, platform: str, lapack_calls: Callable[[], list[str]
     return safe
 
 
+def custom_call_operands(lowered) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(target, operand shapes) of every custom call of a lowered program, in order."""
+    from jax.extend.mlir import ir
+
+    found: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def visit(op):
+        if op.name == "stablehlo.custom_call":
+            target = ir.StringAttr(op.attributes["call_target_name"]).value
+            found.append((target, [tuple(ir.RankedTensorType(v.type).shape) for v in op.operands]))
+        return ir.WalkResult.ADVANCE
+
+    lowered.compiler_ir("stablehlo").operation.walk(visit)
+    return found
+
+
+def lapack_call_splits(target: str, shapes: list[tuple[int, ...]]) -> bool:
+    """Whether jaxlib may split this custom call over threads (see `splitting_lapack_calls`)."""
+    if not target.startswith("lapack_"):
+        return False
+    simple = "potrf" in target or "trsm" in target
+    for shape in shapes:
+        if len(shape) < 2:
+            continue
+        *batch, r, c = shape
+        b = int(np.prod(batch)) if batch else 1
+        if b > 1 and (not simple or b * r * c * max(r, c) >= _LAPACK_MIN_WORK):
+            return True
+    return False
+
+
 def splitting_lapack_calls(lowered) -> list[str]:
     """Batched LAPACK custom calls of a lowered program that jaxlib may split over threads.
 
@@ -198,28 +229,7 @@ def splitting_lapack_calls(lowered) -> list[str]:
     estimate); any other LAPACK call (QR, SVD, eigen-decompositions...)
     counts whenever it is batched.
     """
-    from jax.extend.mlir import ir
-
-    found: list[str] = []
-
-    def visit(op):
-        if op.name == "stablehlo.custom_call":
-            target = ir.StringAttr(op.attributes["call_target_name"]).value
-            if target.startswith("lapack_"):
-                for v in op.operands:
-                    shape = ir.RankedTensorType(v.type).shape
-                    if len(shape) < 2:
-                        continue
-                    *batch, r, c = shape
-                    b = int(np.prod(batch)) if batch else 1
-                    simple = "potrf" in target or "trsm" in target
-                    if b > 1 and (not simple or b * r * c * max(r, c) >= _LAPACK_MIN_WORK):
-                        found.append(target)
-                        break
-        return ir.WalkResult.ADVANCE
-
-    lowered.compiler_ir("stablehlo").operation.walk(visit)
-    return found
+    return [t for t, shapes in custom_call_operands(lowered) if lapack_call_splits(t, shapes)]
 
 
 def from_writer(tree: Any) -> Any:
