@@ -92,16 +92,57 @@ def spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x, conditioning_ok(diag, finite, jnp.stack([a[i, i] for i in range(d)]))
 
 
-def lapack_spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`spd_solve` by one LAPACK Cholesky and `cho_solve` whatever d: its path above
-    `UNROLL_MAX_D`.  Slower per problem than the unrolled code under vmap for small d,
-    but its compiled code does not grow with d: for a solve off the hot path it saves
-    the unrolled code's compile time (2.5-2.8 s measured for the pooled fits' start at
-    d = 10).  Same arguments, returns and failure test as `spd_solve`."""
+def one_lapack_call_per_problem(fn):
+    """`fn(a, b)` whose LAPACK calls, under ``vmap`` on the CPU, each see one problem.
+
+    jaxlib runs a vmapped Cholesky or triangular solve as one batched LAPACK
+    call, which it splits over XLA's intra-op thread pool once the batch is
+    large enough (`_scaling.lapack_call_splits`), blocking a pool thread until
+    the pieces finish; two kernels doing so at once on two cores can
+    deadlock, so such kernels run one block at a time
+    (`_concurrency.max_workers`).  The returned function is `fn` with a
+    batching rule that, on the CPU backend, loops over the batch
+    (``lax.map``: one unbatched call per problem, which jaxlib never splits),
+    and elsewhere batches as JAX does (one batched call: cuSOLVER, TPU).  The
+    per-problem work is what the batched call does anyway (jaxlib loops over
+    the batch); the kernel may then run several blocks at once.  A batched
+    `b` against an unbatched `a` (several right-hand sides) batches as JAX
+    does, into one call per factor, itself wrapped for an enclosing vmap.
+    Same results as `fn` per problem, bit for bit.
+    """
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if not a_batched:  # one factor, several right-hand sides: one call, wrapped in turn
+            out = one_lapack_call_per_problem(jax.vmap(fn, in_axes=(None, 0)))(a, b)
+        else:
+            if not b_batched:
+                b = jnp.broadcast_to(b, (axis_size,) + b.shape)
+            out = jax.lax.platform_dependent(
+                a, b,
+                cpu=lambda a, b: jax.lax.map(lambda ab: wrapped(*ab), (a, b)),
+                default=jax.vmap(fn))
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
+
+
+def _lapack_spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     chol = jnp.linalg.cholesky(a)
     x = cho_solve((chol, True), b)
     finite = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(x))
     return x, conditioning_ok(jnp.diagonal(chol), finite, jnp.diagonal(a))
+
+
+lapack_spd_solve = one_lapack_call_per_problem(_lapack_spd_solve)
+lapack_spd_solve.__doc__ = """`spd_solve` by one LAPACK Cholesky and `cho_solve` whatever d: its path above
+`UNROLL_MAX_D`.  Slower per problem than the unrolled code under vmap for small d,
+but its compiled code does not grow with d: for a solve off the hot path it saves
+the unrolled code's compile time (2.5-2.8 s measured for the pooled fits' start at
+d = 10).  Same arguments, returns and failure test as `spd_solve`.  Under vmap on
+the CPU one LAPACK call per problem (`one_lapack_call_per_problem`)."""
 
 
 def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
@@ -116,7 +157,7 @@ def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
     """
     d = low.shape[-1]
     if d > UNROLL_MAX_D:
-        return solve_triangular(low, b, lower=True, trans="T")
+        return _lapack_transposed_solve(low, b)
     x = [None] * d
     for i in reversed(range(d)):
         s = b[i]
@@ -124,3 +165,7 @@ def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
             s = s - low[k, i] * x[k]
         x[i] = s / low[i, i]
     return jnp.stack(x)
+
+
+_lapack_transposed_solve = one_lapack_call_per_problem(
+    lambda low, b: solve_triangular(low, b, lower=True, trans="T"))

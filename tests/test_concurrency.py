@@ -111,12 +111,26 @@ def test_simulate_workers_give_bitwise_identical_numbers():
 
 
 def test_simulate_holds_back_kernels_that_could_deadlock():
-    # OLS augment with a fixed design inverts each trajectory's Gram factor; above
-    # UNROLL_MAX_D by one batched LAPACK trsm over the block, and 256 factors of 13 x 13
-    # is over jaxlib's split threshold, so with two threads on two cores both could wait
-    # in it forever (it hung at d = 10 before that inverse was unrolled).
-    cfg = SimulationConfig(model="ols", workflow="augment", design="fixed", n=30, d=13,
+    # The Gaussian model factors each trajectory's fitted covariance by a batched LAPACK
+    # Cholesky: 256 of 13 x 13 is over jaxlib's split threshold, so with two threads on
+    # two cores both could wait in it forever.
+    cfg = SimulationConfig(model="gaussian", workflow="discard", n=30, d=13,
                            generations=3, trajectories=512, block_size=256, seed=2)
     r = simulate(cfg, workers=2)
     assert r.workers == min(2, max(1, intra_op_threads() - 1))
     assert r.summary.count[-1] == 512
+
+
+def test_lapack_solves_one_per_problem_let_large_d_kernels_run_at_once():
+    # OLS augment with a fixed design inverts each trajectory's 13 x 13 Gram factor by
+    # LAPACK (d > UNROLL_MAX_D): as one batched trsm over 256 factors it hung at once
+    # with two threads on two cores (at d = 10, before that inverse was unrolled); one
+    # call per problem (`one_lapack_call_per_problem`) is never split, so two blocks
+    # run at once, with the numbers of one block at a time.
+    cfg = SimulationConfig(model="ols", workflow="augment", design="fixed", n=30, d=13,
+                           generations=3, trajectories=512, block_size=256, seed=2)
+    one, two = simulate(cfg, workers=1), simulate(cfg, workers=2)
+    assert two.workers == min(2, intra_op_threads())
+    for a, b in zip(one.moments, two.moments, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert two.summary.count[-1] == 512

@@ -3,7 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax._small_linalg import UNROLL_MAX_D, lower_transposed_solve, spd_solve
+from collapse_jax._scaling import splitting_lapack_calls
+from collapse_jax._small_linalg import (
+    UNROLL_MAX_D,
+    _lapack_spd_solve,
+    lapack_spd_solve,
+    lower_transposed_solve,
+    spd_solve,
+)
 
 
 @pytest.mark.parametrize("d", [1, 3, UNROLL_MAX_D, UNROLL_MAX_D + 1])
@@ -90,3 +97,48 @@ def test_lower_transposed_solve_matches_float64_reference(d):
     np.testing.assert_allclose(got_m, np.linalg.inv(np.swapaxes(low, 1, 2)), rtol=1e-10, atol=1e-12)
     hlo = solve.lower(jnp.asarray(low), jnp.asarray(eye)).as_text()
     assert ("lapack" in hlo) == (d > UNROLL_MAX_D)
+
+
+def _spd_batch(batch: int, d: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 2 * d, d))
+    return jnp.asarray(np.einsum("bni,bnj->bij", x, x)), jnp.asarray(rng.standard_normal((batch, d)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU lowering is the one tested")
+def test_lapack_solves_under_vmap_make_one_unsplit_call_per_problem():
+    # 300 problems of 13 x 13: over jaxlib's split threshold as one batched call (the raw
+    # function's lowering has it), so a kernel holding it could not run two blocks at once.
+    d = UNROLL_MAX_D + 1
+    a, b = _spd_batch(300, d)
+    low = jnp.linalg.cholesky(a)  # lower-triangular factors for the transposed solve
+    raw = jax.jit(jax.vmap(_lapack_spd_solve)).lower(a, b)
+    assert splitting_lapack_calls(raw) == ["lapack_dpotrf_ffi", "lapack_dtrsm_ffi",
+                                           "lapack_dtrsm_ffi"]
+    nested_a, nested_b = a.reshape(30, 10, d, d), b.reshape(30, 10, d)
+    for fn, args in [
+        (jax.vmap(lapack_spd_solve), (a, b)),
+        (jax.vmap(jax.vmap(lapack_spd_solve)), (nested_a, nested_b)),
+        (jax.vmap(lower_transposed_solve), (low, b)),
+        # one factor, several right-hand sides (`_estimators`' inverse), inside a batch
+        (jax.vmap(jax.vmap(lapack_spd_solve, in_axes=(None, 0))), (a, jnp.stack([b] * 3, 1))),
+    ]:
+        assert splitting_lapack_calls(jax.jit(fn).lower(*args)) == []
+
+    x, ok = jax.jit(jax.vmap(lapack_spd_solve))(a, b)
+    x2, ok2 = jax.jit(jax.vmap(jax.vmap(lapack_spd_solve)))(nested_a, nested_b)
+    for i in (0, 137, 299):  # each problem's result is its unbatched result, bit for bit
+        xi, oki = jax.jit(_lapack_spd_solve)(a[i], b[i])
+        np.testing.assert_array_equal(np.asarray(x[i]), np.asarray(xi))
+        assert bool(ok[i]) and bool(oki)
+    np.testing.assert_array_equal(np.asarray(x2).reshape(300, d), np.asarray(x))
+    assert bool(jnp.all(ok)) and bool(jnp.all(ok2))
+    ref = np.linalg.solve(np.asarray(a), np.asarray(b)[..., None])[..., 0]
+    np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-10, atol=1e-12)
+    several, _ = jax.jit(jax.vmap(jax.vmap(lapack_spd_solve, in_axes=(None, 0))))(
+        a, jnp.stack([b, 2 * b, -b], 1))
+    np.testing.assert_allclose(np.asarray(several), np.stack([ref, 2 * ref, -ref], 1),
+                               rtol=1e-10, atol=1e-12)
+    t = jax.jit(jax.vmap(lower_transposed_solve))(low, b)
+    np.testing.assert_allclose(np.einsum("bji,bj->bi", np.asarray(low), np.asarray(t)),
+                               np.asarray(b), rtol=1e-10, atol=1e-10)
