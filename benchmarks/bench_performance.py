@@ -329,15 +329,23 @@ def case_name(model: str, workflow: str, design: str, n: int, d: int) -> str:
     return f"grid/{model}/{workflow}/{design}/n{n}/d{d}"
 
 
+# The fewest trajectories of a grid row.  Rows of 4-8 trajectories (the d = 50 and
+# n = 1,000 rows of data-drawing workflows, until 2026-11-23) ran calls of 30-110 ms whose
+# fixed costs (dispatch, the host-side summary of (G, 4d, 4d) moment sums: ~7 ms at
+# d = 50) were most of what they timed, for numpy's fixed costs as for the engine's.
+MIN_GRID_TRAJECTORIES = 32
+
+
 def trajectories_for(model: str, workflow: str, design: str, n: int, d: int, base: int) -> int:
-    """Trajectories of a grid row: `base` times its share, scaled down for costlier shapes."""
+    """Trajectories of a grid row: `base` times its share, scaled down for costlier shapes,
+    and at least `MIN_GRID_TRAJECTORIES`."""
     share = SHARE.get((model, workflow, design), SHARE.get((model, workflow)))
     cfg = collapse_jax.SimulationConfig(model=model, workflow=workflow, design=design, n=n, d=d)
     if cfg.uses_sufficient_statistics:
         scale = (d / 10) ** 2 if (workflow == "augment" and design == "fresh") else 1.0
     else:
         scale = (n / 100) * (d / 10) ** 2
-    return max(4, round(base * share / scale))
+    return max(MIN_GRID_TRAJECTORIES, round(base * share / scale))
 
 
 class Runner:
