@@ -108,7 +108,10 @@ def one_lapack_call_per_problem(fn):
     the batch); the kernel may then run several blocks at once.  A batched
     `b` against an unbatched `a` (several right-hand sides) batches as JAX
     does, into one call per factor, itself wrapped for an enclosing vmap.
-    Same results as `fn` per problem, bit for bit.
+    Each problem's result is `fn`'s unbatched result, bit for bit (tested);
+    against the batched call, the same to rounding (bit for bit in the
+    engine's kernels but one, ~4e-14 relative where a factor has several
+    right-hand sides).  ``wrapped.fun`` is `fn` itself.
     """
     wrapped = jax.custom_batching.custom_vmap(fn)
 
@@ -129,20 +132,18 @@ def one_lapack_call_per_problem(fn):
     return wrapped
 
 
-def _lapack_spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+@one_lapack_call_per_problem
+def lapack_spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`spd_solve` by one LAPACK Cholesky and `cho_solve` whatever d: its path above
+    `UNROLL_MAX_D`.  Slower per problem than the unrolled code under vmap for small d,
+    but its compiled code does not grow with d: for a solve off the hot path it saves
+    the unrolled code's compile time (2.5-2.8 s measured for the pooled fits' start at
+    d = 10).  Same arguments, returns and failure test as `spd_solve`.  Under vmap on
+    the CPU one LAPACK call per problem (`one_lapack_call_per_problem`)."""
     chol = jnp.linalg.cholesky(a)
     x = cho_solve((chol, True), b)
     finite = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(x))
     return x, conditioning_ok(jnp.diagonal(chol), finite, jnp.diagonal(a))
-
-
-lapack_spd_solve = one_lapack_call_per_problem(_lapack_spd_solve)
-lapack_spd_solve.__doc__ = """`spd_solve` by one LAPACK Cholesky and `cho_solve` whatever d: its path above
-`UNROLL_MAX_D`.  Slower per problem than the unrolled code under vmap for small d,
-but its compiled code does not grow with d: for a solve off the hot path it saves
-the unrolled code's compile time (2.5-2.8 s measured for the pooled fits' start at
-d = 10).  Same arguments, returns and failure test as `spd_solve`.  Under vmap on
-the CPU one LAPACK call per problem (`one_lapack_call_per_problem`)."""
 
 
 def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:

@@ -6,7 +6,6 @@ import pytest
 from collapse_jax._scaling import splitting_lapack_calls
 from collapse_jax._small_linalg import (
     UNROLL_MAX_D,
-    _lapack_spd_solve,
     lapack_spd_solve,
     lower_transposed_solve,
     spd_solve,
@@ -111,8 +110,9 @@ def test_lapack_solves_under_vmap_make_one_unsplit_call_per_problem():
     # function's lowering has it), so a kernel holding it could not run two blocks at once.
     d = UNROLL_MAX_D + 1
     a, b = _spd_batch(300, d)
+    raw_solve = lapack_spd_solve.fun  # the function without the batching rule
     low = jnp.linalg.cholesky(a)  # lower-triangular factors for the transposed solve
-    raw = jax.jit(jax.vmap(_lapack_spd_solve)).lower(a, b)
+    raw = jax.jit(jax.vmap(raw_solve)).lower(a, b)
     assert splitting_lapack_calls(raw) == ["lapack_dpotrf_ffi", "lapack_dtrsm_ffi",
                                            "lapack_dtrsm_ffi"]
     nested_a, nested_b = a.reshape(30, 10, d, d), b.reshape(30, 10, d)
@@ -128,7 +128,7 @@ def test_lapack_solves_under_vmap_make_one_unsplit_call_per_problem():
     x, ok = jax.jit(jax.vmap(lapack_spd_solve))(a, b)
     x2, ok2 = jax.jit(jax.vmap(jax.vmap(lapack_spd_solve)))(nested_a, nested_b)
     for i in (0, 137, 299):  # each problem's result is its unbatched result, bit for bit
-        xi, oki = jax.jit(_lapack_spd_solve)(a[i], b[i])
+        xi, oki = jax.jit(raw_solve)(a[i], b[i])
         np.testing.assert_array_equal(np.asarray(x[i]), np.asarray(xi))
         assert bool(ok[i]) and bool(oki)
     np.testing.assert_array_equal(np.asarray(x2).reshape(300, d), np.asarray(x))
