@@ -24,10 +24,13 @@ cores, both pool threads in ``jax::ParallelBatchMap`` waiting on a
 ``BlockingCounter`` (that inverse is now unrolled for small d).
 `max_workers` therefore runs such kernels with fewer blocks at once than
 the pool has threads (one, on two cores), kernels with any other custom
-call one at a time, and the rest as asked.  The engine's own LAPACK solves
-make one unbatched call per problem on the CPU
-(`_small_linalg.one_lapack_call_per_problem`), which jaxlib never splits,
-so only the Gaussian model's batched factorisations still meet this limit.
+call one at a time, and the rest as asked.  That is not enough on its own:
+XLA runs independent operations of one program at once, so two such calls
+in one kernel can hold both pool threads of a 2-core machine by
+themselves (the Gaussian model's metrics did, one block at a time).  The
+engine's solves and factorisations therefore make one unbatched call per
+problem on the CPU (`_small_linalg.one_lapack_call_per_problem`), which
+jaxlib never splits, and no engine kernel meets this limit (tested).
 
 Determinism: callers merge the results in schedule order, so a run's
 numbers are bitwise those of one block at a time.

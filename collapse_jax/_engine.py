@@ -33,7 +33,7 @@ from ._estimators import (
     unvech,
     _cholesky_ok,
 )
-from ._small_linalg import lower_transposed_solve
+from ._small_linalg import cholesky, lower_transposed_solve
 from ._statistics import Moments, block_moments
 
 
@@ -313,7 +313,7 @@ def _gaussian_sufficient(spec: StaticSpec, key, params: ModelParams) -> Trajecto
     def body(carry, g):
         theta_prev, alive, mean_pool, scatter_pool = carry
         kx, kz = jax.random.split(jax.random.fold_in(key, g))
-        chol = jnp.linalg.cholesky(unvech(theta_prev[d:], d))
+        chol = cholesky(unvech(theta_prev[d:], d))
         c = wishart_factor(kx, params.n - 1, chol, False)
         z = _random.normal(kz, (d,), dtype)
         mean = theta_prev[:d] + chol @ z / jnp.sqrt(n)

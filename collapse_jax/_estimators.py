@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._small_linalg import conditioning_ok, lapack_spd_solve, spd_solve
+from ._small_linalg import cholesky, conditioning_ok, lapack_spd_solve, spd_solve
 
 
 class FitResult(NamedTuple):
@@ -422,7 +422,7 @@ def gaussian_from_scatter(mean: jax.Array, scatter: jax.Array, count: jax.Array,
     `count` () = sum_i w_i > 1; `fallback` (d + d(d+1)/2,).
     """
     cov = scatter / (count - 1)
-    chol = jnp.linalg.cholesky(cov)
+    chol = cholesky(cov)
     theta = jnp.concatenate([mean, vech(cov)])
     ok = _cholesky_ok(chol) & jnp.all(jnp.isfinite(theta))
     return FitResult(jnp.where(ok, theta, fallback), jnp.zeros((), jnp.int32), ok)

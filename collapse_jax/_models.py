@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from ._config import POINT_MODELS
 from ._data import ModelParams, sample_features
 from ._data import sample_labels as _sample_labels
+from ._small_linalg import cholesky, eigvalsh
 from ._estimators import (
     FitResult,
     gaussian_fit,
@@ -67,7 +68,7 @@ def sample_points(key: jax.Array, model: str, n: int, theta: jax.Array, params: 
     """
     if model == "gaussian":
         d = params.feature_chol.shape[0]
-        chol = jnp.linalg.cholesky(unvech(theta[d:], d))
+        chol = cholesky(unvech(theta[d:], d))
         return theta[None, :d] + sample_features(key, n, chol, False)
     return theta[None, :] + params.sigma * sample_features(key, n, params.feature_chol, isotropic)
 
@@ -136,11 +137,14 @@ def metrics(model: str, theta: jax.Array, theta0: jax.Array) -> jax.Array:
     chol0 = jnp.linalg.cholesky(cov0)
     err = jnp.sum((mu - mu0.reshape(lead + (d,))) ** 2, axis=-1)
     tr, tr0 = jnp.trace(cov, axis1=-2, axis2=-1), jnp.trace(cov0)
-    logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(cov), axis1=-2, axis2=-1)), -1)
+    # Stacked matrices, one LAPACK call each on the CPU (`one_lapack_call_per_problem`).
+    chol = jnp.vectorize(cholesky, signature="(d,d)->(d,d)")(cov)
+    logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
     logdet0 = 2 * jnp.sum(jnp.log(jnp.diagonal(chol0)))
     c0 = jnp.broadcast_to(chol0, cov.shape)
     middle = jnp.swapaxes(c0, -1, -2) @ cov @ c0
-    root = jnp.sum(jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh(middle), 0.0, None)), axis=-1)
+    eigenvalues = jnp.vectorize(eigvalsh, signature="(d,d)->(d)")(middle)
+    root = jnp.sum(jnp.sqrt(jnp.clip(eigenvalues, 0.0, None)), axis=-1)
     w2 = err + tr + tr0 - 2 * root
     return jnp.stack([err, tr / tr0, jnp.exp(logdet - logdet0), w2], axis=-1)
 

@@ -93,43 +93,59 @@ def spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def one_lapack_call_per_problem(fn):
-    """`fn(a, b)` whose LAPACK calls, under ``vmap`` on the CPU, each see one problem.
+    """`fn(a, *rest)` whose LAPACK calls, under ``vmap`` on the CPU, each see one problem.
 
-    jaxlib runs a vmapped Cholesky or triangular solve as one batched LAPACK
-    call, which it splits over XLA's intra-op thread pool once the batch is
-    large enough (`_scaling.lapack_call_splits`), blocking a pool thread until
-    the pieces finish; two kernels doing so at once on two cores can
-    deadlock, so such kernels run one block at a time
+    jaxlib runs a vmapped Cholesky, triangular solve or eigen-decomposition
+    as one batched LAPACK call, which it splits over XLA's intra-op thread
+    pool once the batch is large enough (`_scaling.lapack_call_splits`),
+    blocking a pool thread until the pieces finish; two kernels doing so at
+    once on two cores can deadlock, so such kernels run one block at a time
     (`_concurrency.max_workers`).  The returned function is `fn` with a
     batching rule that, on the CPU backend, loops over the batch
     (``lax.map``: one unbatched call per problem, which jaxlib never splits),
     and elsewhere batches as JAX does (one batched call: cuSOLVER, TPU).  The
     per-problem work is what the batched call does anyway (jaxlib loops over
-    the batch); the kernel may then run several blocks at once.  A batched
-    `b` against an unbatched `a` (several right-hand sides) batches as JAX
-    does, into one call per factor, itself wrapped for an enclosing vmap.
-    Each problem's result is `fn`'s unbatched result, bit for bit (tested);
-    against the batched call, the same to rounding (bit for bit in the
-    engine's kernels but one, ~4e-14 relative where a factor has several
-    right-hand sides).  ``wrapped.fun`` is `fn` itself.
+    the batch); the kernel may then run several blocks at once.  When the
+    matrix `a` is not batched but other arguments are (one factor, several
+    right-hand sides), they batch as JAX does, into one call per matrix,
+    itself wrapped for an enclosing vmap.  Each problem's result is `fn`'s
+    unbatched result, bit for bit (tested); against the batched call, the
+    same to rounding (bit for bit in the engine's kernels but one, ~4e-14
+    relative where a factor has several right-hand sides).  ``wrapped.fun``
+    is `fn` itself.
     """
     wrapped = jax.custom_batching.custom_vmap(fn)
 
     @wrapped.def_vmap
-    def _rule(axis_size, in_batched, a, b):
-        a_batched, b_batched = in_batched
-        if not a_batched:  # one factor, several right-hand sides: one call, wrapped in turn
-            out = one_lapack_call_per_problem(jax.vmap(fn, in_axes=(None, 0)))(a, b)
+    def _rule(axis_size, in_batched, *args):
+        if not in_batched[0]:  # one matrix, several right-hand sides: one call, wrapped in turn
+            axes = tuple(0 if batched else None for batched in in_batched)
+            out = one_lapack_call_per_problem(jax.vmap(fn, in_axes=axes))(*args)
         else:
-            if not b_batched:
-                b = jnp.broadcast_to(b, (axis_size,) + b.shape)
+            args = tuple(x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                         for x, batched in zip(args, in_batched, strict=True))
             out = jax.lax.platform_dependent(
-                a, b,
-                cpu=lambda a, b: jax.lax.map(lambda ab: wrapped(*ab), (a, b)),
+                *args,
+                cpu=lambda *xs: jax.lax.map(lambda t: wrapped(*t), xs),
                 default=jax.vmap(fn))
         return out, jax.tree.map(lambda _: True, out)
 
     return wrapped
+
+
+@one_lapack_call_per_problem
+def cholesky(a: jax.Array) -> jax.Array:
+    """``jnp.linalg.cholesky(a)`` of one (d, d) matrix: lower factor, NaN where not positive
+    definite.  Under vmap on the CPU one LAPACK call per problem (`one_lapack_call_per_problem`);
+    use ``jnp.vectorize(cholesky, signature="(d,d)->(d,d)")`` for stacked matrices."""
+    return jnp.linalg.cholesky(a)
+
+
+@one_lapack_call_per_problem
+def eigvalsh(a: jax.Array) -> jax.Array:
+    """``jnp.linalg.eigvalsh(a)`` of one symmetric (d, d) matrix, ascending; under vmap on
+    the CPU one LAPACK call per problem (`one_lapack_call_per_problem`)."""
+    return jnp.linalg.eigvalsh(a)
 
 
 @one_lapack_call_per_problem

@@ -110,15 +110,48 @@ def test_simulate_workers_give_bitwise_identical_numbers():
         simulate(cfg, workers=0)
 
 
-def test_simulate_holds_back_kernels_that_could_deadlock():
-    # The Gaussian model factors each trajectory's fitted covariance by a batched LAPACK
-    # Cholesky: 256 of 13 x 13 is over jaxlib's split threshold, so with two threads on
-    # two cores both could wait in it forever.
-    cfg = SimulationConfig(model="gaussian", workflow="discard", n=30, d=13,
-                           generations=3, trajectories=512, block_size=256, seed=2)
+def test_simulate_holds_back_kernels_that_could_deadlock(monkeypatch):
+    # No engine kernel has a call jaxlib splits (next tests), so stand in for one: the
+    # driver runs a kernel with at most `max_workers(lowered)` blocks at once.
+    from collapse_jax import _driver
+
+    monkeypatch.setattr(_driver, "_COMPILED", {})
+    monkeypatch.setattr(_driver, "_MAX_WORKERS", {})
+    monkeypatch.setattr(_driver, "max_workers", lambda lowered: 1)
+    cfg = SimulationConfig(model="ols", workflow="augment", design="fresh", n=20, d=3,
+                           generations=4, trajectories=40, block_size=10, seed=2)
     r = simulate(cfg, workers=2)
-    assert r.workers == min(2, max(1, intra_op_threads() - 1))
-    assert r.summary.count[-1] == 512
+    assert r.workers == 1
+    assert r.summary.count[-1] == 40
+
+
+def _engine_configs():
+    from collapse_jax._config import MODELS, POINT_MODELS, WORKFLOWS
+
+    for model in MODELS:
+        for workflow in WORKFLOWS:
+            for design in ("fresh",) if model in POINT_MODELS else ("fresh", "fixed"):
+                yield model, workflow, design
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="jaxlib's CPU LAPACK kernels")
+def test_no_engine_kernel_makes_a_lapack_call_jaxlib_splits():
+    # A batched LAPACK call that jaxlib splits over the intra-op pool blocks a pool thread
+    # until its pieces finish, and XLA runs independent calls of one program at once: the
+    # Gaussian model's metrics (a batched Cholesky and a batched eigvalsh over the block)
+    # hung a single block on two cores at d = 13, B = 512, whatever `workers` was.  Every
+    # kernel, at a d and block size where a batched call would split, makes none.
+    from collapse_jax import _driver
+    from collapse_jax._engine import build_block
+    from collapse_jax._scaling import splitting_lapack_calls
+
+    scalars = (jnp.asarray(0, jnp.int64),) * 3
+    for model, workflow, design in _engine_configs():
+        cfg = SimulationConfig(model=model, workflow=workflow, design=design, n=40, d=13,
+                               generations=3, trajectories=512, block_size=512)
+        spec, params = _driver._spec(cfg, None), _driver._params(cfg, None)
+        lowered = jit(build_block(spec)).lower(*scalars, params)
+        assert splitting_lapack_calls(lowered) == [], (model, workflow, design)
 
 
 def test_lapack_solves_one_per_problem_let_large_d_kernels_run_at_once():
