@@ -99,8 +99,9 @@ def one_lapack_call_per_problem(fn):
     as one batched LAPACK call, which it splits over XLA's intra-op thread
     pool once the batch is large enough (`_scaling.lapack_call_splits`),
     blocking a pool thread until the pieces finish; two kernels doing so at
-    once on two cores can deadlock, so such kernels run one block at a time
-    (`_concurrency.max_workers`).  The returned function is `fn` with a
+    once on two cores can deadlock (so such kernels run one block at a time,
+    `_concurrency.max_workers`), and so can two independent such calls in
+    one kernel, which XLA runs at once.  The returned function is `fn` with a
     batching rule that, on the CPU backend, loops over the batch
     (``lax.map``: one unbatched call per problem, which jaxlib never splits),
     and elsewhere batches as JAX does (one batched call: cuSOLVER, TPU).  The
