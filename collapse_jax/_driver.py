@@ -369,9 +369,9 @@ def simulate(
       (`_concurrency`).  Default: `default_workers` (min(2, CPUs) on the CPU
       backend, where XLA runs part of every kernel on one thread; 1 on a
       GPU/TPU).  Fewer where concurrent blocks could deadlock in jaxlib's
-      LAPACK kernels (`_concurrency.max_workers`: one on two cores for
-      kernels with large batched Cholesky or triangular solves), and one
-      with several devices (`SimulationResult.workers` tells).
+      LAPACK kernels (`_concurrency.max_workers`: a kernel with a batched
+      call jaxlib splits; the engine's make one call per problem, so none
+      now), and one with several devices (`SimulationResult.workers` tells).
       Each block in flight holds its own buffers (`block_cap`).  Not part of
       the results, like `devices`.
 

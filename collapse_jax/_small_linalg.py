@@ -163,6 +163,11 @@ def lapack_spd_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x, conditioning_ok(jnp.diagonal(chol), finite, jnp.diagonal(a))
 
 
+@one_lapack_call_per_problem
+def _lapack_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
+    return solve_triangular(low, b, lower=True, trans="T")
+
+
 def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
     """Solve L^T x = b for lower-triangular `low` (d, d); `b` (d,) or (d, k): x shaped as `b`.
 
@@ -184,6 +189,3 @@ def lower_transposed_solve(low: jax.Array, b: jax.Array) -> jax.Array:
         x[i] = s / low[i, i]
     return jnp.stack(x)
 
-
-_lapack_transposed_solve = one_lapack_call_per_problem(
-    lambda low, b: solve_triangular(low, b, lower=True, trans="T"))
