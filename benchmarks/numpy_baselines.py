@@ -120,8 +120,9 @@ def newton_logistic(
     B problems, stopping a problem after the first step with
     max|step| <= sqrt(eps) * (1 + max|theta|) (theta before the step; eps of
     the dtype), or failing it after `max_iterations` steps, a numerically
-    singular Hessian (`_cholesky_ok`) or a non-finite value.  Problems that
-    have stopped are dropped from later iterations.
+    singular Hessian (`_cholesky_ok`), a non-finite value, or an iterate
+    that separates the data (as `collapse_jax`'s `separates`: no MLE).
+    Problems that have stopped are dropped from later iterations.
 
     **Arguments:**
 
@@ -161,8 +162,11 @@ def newton_logistic(
                 curv = wa * (p * (1 - p))
             grad = np.matmul(resid[:, None, :], xa)[:, 0, :]
             hess = np.matmul(xa.transpose(0, 2, 1) * curv[:, None, :], xa)
+            # collapse_jax's `separates`: an iterate that separates the data ends the fit.
+            right = ((ya == 1) & (eta > 0)) | ((ya == 0) & (eta < 0))
+            separated = (right | (wa <= 0) if w_full is not None else right).all(-1)
         step, ok = _batched_solve(hess, grad)
-        ok &= _cholesky_ok(hess)
+        ok &= _cholesky_ok(hess) & ~separated
         new = ta + step
         ok &= np.isfinite(new).all(-1)
         iterations[active] += 1
@@ -395,7 +399,10 @@ def _newton_single(x, y, theta, max_iterations):
     tol = np.sqrt(np.finfo(x.dtype).eps)
     start = theta
     for _ in range(max_iterations):
-        p = _sigmoid(x @ theta)
+        eta = x @ theta
+        if np.all(((y == 1) & (eta > 0)) | ((y == 0) & (eta < 0))):
+            return start, False  # theta separates the data: no MLE
+        p = _sigmoid(eta)
         grad = x.T @ (y - p)
         hess = (x.T * (p * (1 - p))) @ x
         if not _cholesky_ok(hess[None])[0]:

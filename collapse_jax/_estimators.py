@@ -78,10 +78,12 @@ def logistic_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None
     Stopping test: a step with max|step| <= sqrt(eps) * (1 + max|theta|) is
     taken and the fit is declared converged (Newton converges quadratically,
     so the error after that step is O(eps)).  It fails (``converged=False``,
-    theta = `theta_init`) if the Hessian is numerically singular (separable
-    or degenerate data drive it to zero), anything becomes non-finite, or
+    theta = `theta_init`) as soon as an iterate separates the data (see
+    `separates`: then no MLE exists; without a ridge only), if the Hessian
+    is numerically singular (degenerate data, or separable data that no
+    iterate has separated yet), anything becomes non-finite, or
     `max_iterations` steps pass without meeting the test (divergence along a
-    separating direction).
+    direction that separates the data only weakly).
 
     **Arguments:** `x` (m, d); `y` (m,) in [0, 1]; `weights` (m,) >= 0
     (default ones); `theta_init` (d,) warm start (default zeros);
@@ -135,6 +137,29 @@ def glm_newton(x: jax.Array, y: jax.Array, weights: jax.Array | None = None,
                    max_iterations, ridge, dtype)
 
 
+def separates(family: str, y: jax.Array, weights: jax.Array, eta: jax.Array) -> jax.Array:
+    """Whether linear predictors `eta` = x theta separate the data: then no MLE exists.
+
+    Logistic: True when every point of positive weight has y = 1 and eta > 0,
+    or y = 0 and eta < 0 (complete separation).  Each term of the
+    log-likelihood sum_i w_i [y_i eta_i - log(1 + e^eta_i)] then increases
+    strictly to 0 along t theta as t grows, and every finite theta has a
+    log-likelihood below 0, so no finite maximiser exists (Albert & Anderson
+    1984).  A certificate: False whenever the MLE exists; a fractional
+    target (0 < y < 1) never separates.  Data separable only with some
+    eta_i = 0 (quasi-complete separation) have no MLE either but are not
+    caught here: Newton fails on them by its other tests.  Poisson: always
+    False (not checked).
+
+    **Arguments:** `family` (static); `y`, `weights`, `eta` (m,).
+    **Returns:** () bool.  Under vmap, per problem.
+    """
+    if family != "logistic":
+        return jnp.zeros((), bool)
+    right = ((y == 1) & (eta > 0)) | ((y == 0) & (eta < 0))
+    return jnp.all(right | (weights <= 0))
+
+
 # A Newton step of the pooled fit that moves theta by at most this much (relative to
 # 1 + max|theta|) hands over to steps that reuse its Hessian (`_newton_reusing_hessian`).
 HESSIAN_REUSE_BELOW = 1e-3
@@ -164,8 +189,9 @@ def glm_newton_pooled(x_chunks: tuple[jax.Array, ...], y_chunks: tuple[jax.Array
     max|theta|), at the same MLE: within ~tol of `glm_newton`'s iterate
     (tested), since a reused-Hessian step that halves the previous step
     leaves an error below its own size.  Failure flags as in `glm_newton`
-    (a non-finite or singular Newton step, or `max_iterations` steps of
-    either kind without meeting the rule).
+    (a Newton step from an iterate that separates the pool, `separates`; a
+    non-finite or singular Newton step; or `max_iterations` steps of either
+    kind without meeting the rule).
 
     **Arguments:** `x_chunks`: (c_k, n, d) arrays; `y_chunks`: (c_k, n), the
     same c_k; every entry finite (unused batches included); `batches` ()
@@ -204,8 +230,13 @@ def glm_newton_pooled(x_chunks: tuple[jax.Array, ...], y_chunks: tuple[jax.Array
         return acc
 
     def gradient_and_hessian(theta):
-        zero = (jnp.zeros((d,), dtype), jnp.zeros((d, d), dtype))
-        return over_chunks(lambda x, y, w: _glm_terms(family, x, y, w, theta), zero)
+        def per_chunk(x, y, w):
+            grad, hess, separated = _glm_terms(family, x, y, w, theta)
+            return grad, hess, (~separated).astype(jnp.int32)
+
+        zero = (jnp.zeros((d,), dtype), jnp.zeros((d, d), dtype), jnp.zeros((), jnp.int32))
+        grad, hess, unseparated_chunks = over_chunks(per_chunk, zero)
+        return grad, hess, unseparated_chunks == 0
 
     def gradient(theta):
         return over_chunks(lambda x, y, w: _glm_gradient(family, x, y, w, theta),
@@ -221,7 +252,8 @@ def _check_family(family: str) -> None:
 
 
 def _glm_terms(family: str, x, y, weights, theta):
-    """Gradient x^T w (y - b'(eta)) and Hessian x^T diag(w b''(eta)) x at theta.
+    """Gradient x^T w (y - b'(eta)) and Hessian x^T diag(w b''(eta)) x at theta, and
+    `separates` at theta: ``(gradient (d,), Hessian (d, d), separated () bool)``.
 
     Both from one product x^T [diag(w b''(eta)) x | w (y - b'(eta))], (d, d + 1).
     With a product of its own, XLA's GPU backend lowered the gradient as a
@@ -230,10 +262,11 @@ def _glm_terms(family: str, x, y, weights, theta):
     logistic fit ran 2.75x faster there, and level on the CPU
     (docs/performance.md).
     """
-    p = _glm_mean(family, x @ theta)
+    eta = x @ theta
+    p = _glm_mean(family, eta)
     curvature = weights * p * (1 - p) if family == "logistic" else weights * p
     both = x.T @ jnp.concatenate([x * curvature[:, None], (weights * (y - p))[:, None]], axis=1)
-    return both[:, -1], both[:, :-1]
+    return both[:, -1], both[:, :-1], separates(family, y, weights, eta)
 
 
 def _glm_gradient(family: str, x, y, weights, theta):
@@ -247,16 +280,19 @@ def _glm_mean(family: str, eta):
 
 
 def _newton(terms, theta_init, max_iterations: int, ridge, dtype) -> FitResult:
-    """Newton's method on `terms(theta) -> (gradient, Hessian)` with `glm_newton`'s rules
-    (tolerance from the data's `dtype`)."""
+    """Newton's method on `terms(theta) -> (gradient, Hessian, separated)` with
+    `glm_newton`'s rules (tolerance from the data's `dtype`); a step from a theta
+    that separates the data fails the fit."""
     tol = jnp.sqrt(jnp.finfo(dtype).eps)
 
     def step(theta):
-        grad, hess = terms(theta)
-        if ridge is not None:
+        grad, hess, separated = terms(theta)
+        if ridge is not None:  # a penalised MLE exists whatever the data
             grad = grad - ridge * theta
             hess = hess + jnp.diag(ridge)
-        return spd_solve(hess, grad)
+            separated = jnp.zeros((), bool)
+        delta, ok = spd_solve(hess, grad)
+        return delta, ok & ~separated
 
     def cond(state):
         _, it, done, failed = state
@@ -280,8 +316,9 @@ def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iter
                             dtype) -> tuple[FitResult, jax.Array]:
     """Newton's method that reuses a Hessian while it contracts (a chord or Shamanskii method).
 
-    Rounds of: Newton steps (`gradient_and_hessian`, keeping H and H^{-1}) until a
-    step is below ``HESSIAN_REUSE_BELOW (1 + max|theta|)``; then steps
+    Rounds of: Newton steps (`gradient_and_hessian(theta) -> (gradient, H,
+    separated)`, keeping H and H^{-1}; a step from a separating theta fails the
+    fit) until a step is below ``HESSIAN_REUSE_BELOW (1 + max|theta|)``; then steps
     ``H^{-1} gradient(theta)`` while each is at most half the one before (a
     step that is not is discarded and the next round starts with a Newton
     step at the same theta).  Near the MLE such steps contract by a factor
@@ -304,11 +341,11 @@ def _newton_reusing_hessian(gradient_and_hessian, gradient, theta_init, max_iter
 
     def newton_step(s):
         theta, _, _, _, it, _, _, _ = s
-        grad, hess = gradient_and_hessian(theta)
+        grad, hess, separated = gradient_and_hessian(theta)
         hess_inv, ok = inverse(hess, eye)
         delta = hess_inv @ grad
         new = theta + delta
-        ok = jnp.all(ok) & jnp.all(jnp.isfinite(new))
+        ok = jnp.all(ok) & jnp.all(jnp.isfinite(new)) & ~separated
         size = jnp.max(jnp.abs(delta))
         scale = 1 + jnp.max(jnp.abs(theta))
         return (jnp.where(ok, new, theta), hess, hess_inv, size, it + 1,
@@ -356,7 +393,7 @@ def extended_pool_start(family: str, x: jax.Array, y: jax.Array, theta: jax.Arra
     `hessian` (d, d).  **Returns:** (d,); `theta` itself where the solve is
     singular or the step not finite (after a failed fit, say).
     """
-    grad, hess = _glm_terms(family, x, y, jnp.ones(y.shape, x.dtype), theta)
+    grad, hess, _ = _glm_terms(family, x, y, jnp.ones(y.shape, x.dtype), theta)
     # Once per generation, off the Newton loop: LAPACK, whose code does not grow with d
     # (the unrolled solve added ~2.5 s to the kernel's compile time at d = 10).
     step, ok = lapack_spd_solve(hessian + hess, grad)

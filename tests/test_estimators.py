@@ -67,7 +67,8 @@ def test_glm_terms_are_the_weighted_gradient_and_hessian(family):
     grad_ref = np.einsum("bnd,bn->bd", x, w * (y - mu))
     hess_ref = np.einsum("bni,bn,bnj->bij", x, w * slope, x)
     args = tuple(map(jnp.asarray, (x, y, w, theta)))
-    grad, hess = jax.vmap(lambda *a: _glm_terms(family, *a))(*args)
+    grad, hess, separated = jax.vmap(lambda *a: _glm_terms(family, *a))(*args)
+    assert not np.any(np.asarray(separated))  # random labels: no problem is separated
     grad_only = jax.vmap(lambda *a: _glm_gradient(family, *a))(*args)
     scale = np.abs(x).max() ** 2 * n
     np.testing.assert_allclose(np.asarray(grad), grad_ref, rtol=0, atol=1e-13 * scale)
@@ -95,6 +96,82 @@ def test_logistic_separable_is_flagged_not_nan():
     assert not bool(res.converged)
     assert np.all(np.isfinite(np.asarray(res.theta)))
     np.testing.assert_array_equal(np.asarray(res.theta), 0.0)  # the starting value
+    # theta = 0 separates nothing (every eta is 0); the first Newton step does:
+    # its iterate is where the fit stops, on its second step.
+    assert int(res.iterations) == 2
+    # A start that separates the data fails the first step.
+    res = logistic_newton(x, y, theta_init=jnp.asarray([0.0, 0.1]))
+    assert not bool(res.converged) and int(res.iterations) == 1
+
+
+def test_separates_is_complete_separation():
+    from collapse_jax._estimators import separates
+
+    y = jnp.asarray([0.0, 0.0, 1.0, 1.0])
+    w = jnp.ones(4)
+    eta = jnp.asarray([-2.0, -0.5, 0.5, 3.0])
+
+    def sep(y=y, w=w, eta=eta, family="logistic"):
+        return bool(separates(family, jnp.asarray(y), jnp.asarray(w), jnp.asarray(eta)))
+
+    assert sep()
+    assert not sep(eta=eta.at[1].set(0.5))  # a point on the wrong side
+    assert not sep(eta=eta.at[1].set(0.0))  # on the boundary: at most quasi-complete
+    assert sep(eta=eta.at[1].set(0.5), w=w.at[1].set(0.0))  # ... unless it has no weight
+    assert not sep(y=y.at[3].set(0.5))  # a fractional target is never separated
+    assert not sep(family="poisson")
+
+
+def _lp_separable(x, y):
+    """Whether some theta has (2y - 1) x.theta >= 1 for every point (linear programming)."""
+    from scipy.optimize import linprog
+
+    a = -(2 * y - 1)[:, None] * x
+    res = linprog(np.zeros(x.shape[1]), A_ub=a, b_ub=-np.ones(len(y)),
+                  bounds=[(None, None)] * x.shape[1], method="highs")
+    assert res.status in (0, 2), res.message  # 0: feasible, 2: infeasible
+    return res.status == 0
+
+
+def test_logistic_newton_fails_exactly_on_separable_problems():
+    """Small problems, about a fifth of them completely separable (checked by an LP, not by
+    the fit): those fail, in fewer steps than the iteration cap, and every other one
+    converges to the float64 reference MLE.  Continuous features make quasi-complete
+    separation a probability-0 event."""
+    import jax
+
+    rng = np.random.default_rng(5)
+    b, n, d = 120, 10, 3
+    x = rng.normal(size=(b, n, d))
+    theta = np.array([1.0, -0.5, 0.5])
+    y = (rng.uniform(size=(b, n)) < 1 / (1 + np.exp(-x @ theta))).astype(float)
+    separable = np.array([_lp_separable(x[i], y[i]) for i in range(b)])
+    assert 10 <= separable.sum() <= 110
+    res = jax.vmap(logistic_newton)(jnp.asarray(x), jnp.asarray(y))
+    converged, iterations = np.asarray(res.converged), np.asarray(res.iterations)
+    np.testing.assert_array_equal(converged, ~separable)
+    assert iterations[separable].max() < 50
+    for i in np.flatnonzero(~separable):
+        np.testing.assert_allclose(np.asarray(res.theta[i]), numpy_logistic_mle(x[i], y[i]),
+                                   rtol=0, atol=1e-7)
+
+
+def test_separation_counts_only_weighted_points_and_not_under_a_ridge():
+    x = jnp.asarray([[1.0, -2.0], [1.0, -1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 1.5]])
+    y = jnp.asarray([0.0, 0.0, 1.0, 1.0, 0.0])  # the last point breaks the separation
+    assert bool(logistic_newton(x, y).converged)
+    ref = numpy_logistic_mle(np.asarray(x), np.asarray(y))
+    np.testing.assert_allclose(np.asarray(logistic_newton(x, y).theta), ref, atol=1e-8)
+    weightless = logistic_newton(x, y, jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.0]))
+    assert not bool(weightless.converged) and int(weightless.iterations) == 2
+    # A ridge penalty makes the MLE exist: converged, at a zero of the penalised gradient.
+    ridge = jnp.asarray([0.0, 1.0])  # the intercept unpenalised
+    fit = logistic_newton(x[:4], y[:4], ridge=ridge)
+    assert bool(fit.converged)
+    t = np.asarray(fit.theta)
+    xs, ys = np.asarray(x[:4]), np.asarray(y[:4])
+    grad = xs.T @ (ys - 1 / (1 + np.exp(-xs @ t))) - np.asarray(ridge) * t
+    np.testing.assert_allclose(grad, 0.0, atol=1e-12)
 
 
 def _pool(family, slots, n, d, seed):
@@ -270,7 +347,8 @@ def test_newton_reusing_hessian_falls_back_to_newton_when_reuse_stalls():
 
     def gradient_and_hessian(t):
         calls.append("H")
-        return -((t - 1) ** 3) - 1e-6 * (t - 1), (3 * (t - 1) ** 2 + 1e-6)[:, None]
+        return (-((t - 1) ** 3) - 1e-6 * (t - 1), (3 * (t - 1) ** 2 + 1e-6)[:, None],
+                jnp.zeros((), bool))
 
     with jax.disable_jit():
         res, _ = _newton_reusing_hessian(gradient_and_hessian, gradient, jnp.asarray([1.5]), 50,
@@ -293,6 +371,11 @@ def test_pooled_newton_flags_separable_pools():
     res, _ = glm_newton_pooled(_chunked(x, (2, 1)), _chunked(y, (2, 1)), jnp.asarray(2), start)
     assert not bool(res.converged)
     np.testing.assert_array_equal(np.asarray(res.theta), np.asarray(start))
+    assert int(res.iterations) == 1  # the start separates batches 0-1 (batch 2 weighs 0)
+    # Chunked (1, 1, 1) the separation spans two chunks; from zeros, the first step finds it.
+    res, _ = glm_newton_pooled(_chunked(x, (1, 1, 1)), _chunked(y, (1, 1, 1)), jnp.asarray(2),
+                               jnp.zeros(2))
+    assert not bool(res.converged) and int(res.iterations) == 2
     both, _ = glm_newton_pooled(_chunked(x, (2, 1)), _chunked(y, (2, 1)), jnp.asarray(3), start)
     assert bool(both.converged)  # batch 2 breaks the separation
 

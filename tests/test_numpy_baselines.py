@@ -167,6 +167,16 @@ def test_newton_flags_separable_data():
     res = nb.newton_logistic(x, y, start)
     assert not res.converged[0] and res.converged[1]
     np.testing.assert_array_equal(res.theta[0], start[0])
+    # A start that separates problem 0 (its labels are the sign of feature 0): as with
+    # the engine's `separates`, the first step fails; so does the loop baseline's.
+    sep_start = np.array([[0.1, 0.0], [0.1, 0.1]])
+    res = nb.newton_logistic(x, y, sep_start)
+    assert not res.converged[0] and res.iterations[0] == 1 and res.converged[1]
+    engine = collapse_jax.logistic_newton(x[0], y[0], theta_init=sep_start[0])
+    assert not bool(engine.converged) and int(engine.iterations) == 1
+    single, ok = nb._newton_single(x[0], y[0], sep_start[0], 50)
+    assert not ok
+    np.testing.assert_array_equal(single, sep_start[0])
 
 
 # -- the engine, same configuration -------------------------------------------
