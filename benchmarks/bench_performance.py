@@ -334,6 +334,13 @@ def case_name(model: str, workflow: str, design: str, n: int, d: int) -> str:
 # fixed costs (dispatch, the host-side summary of (G, 4d, 4d) moment sums: ~7 ms at
 # d = 50) were most of what they timed, for numpy's fixed costs as for the engine's.
 MIN_GRID_TRAJECTORIES = 32
+# A grid row whose engine call runs under ROW_MIN_S is measured again on k times its
+# trajectories (k <= ROW_MAX_GROWTH), in blocks of the size it ran with, so the kernel
+# is the same one (no new compile) and each timed call lasts about ROW_MIN_S.  At 32
+# trajectories (~0.07-0.12 s calls) OLS subsample at d = 50 measured 0.86-1.45x numpy
+# call by call, and 1.18-1.55x (median of 5) at 128 and 512 (2026-11-23).
+ROW_MIN_S = 0.3
+ROW_MAX_GROWTH = 16
 
 
 def trajectories_for(model: str, workflow: str, design: str, n: int, d: int, base: int) -> int:
@@ -381,16 +388,29 @@ class Runner:
                                "alive": float(res.ok[:, -1].mean())}
         return self.loops[key]
 
-    def measure(self, cfg: collapse_jax.SimulationConfig, name: str, loop: bool = True) -> dict:
-        if cfg in self.rows:
-            return self.rows[cfg]
+    def measure(self, cfg: collapse_jax.SimulationConfig, name: str, loop: bool = True,
+                grow: bool = False) -> dict:
+        """One row: engine and numpy (and the loop) on `cfg`, cached by `cfg`.
+
+        With `grow`, a row whose engine call runs under ROW_MIN_S is measured
+        again on more trajectories (see ROW_MIN_S); compile time and the first
+        call come from the first measurement, everything else from the second.
+        """
+        asked, row = cfg, self.rows.get(cfg)
+        if row is not None and (grow or row["trajectories"] == cfg.trajectories):
+            return row  # a grown row stands only for rows that may grow (not a sweep point)
+        eng = first = time_engine(cfg, self.repeats, min_calls=2, probe=peak_rss)
+        grow_by = min(ROW_MAX_GROWTH, math.ceil(1.2 * ROW_MIN_S / max(eng["run_s"], 1e-9)))
+        if grow and eng["run_s"] < ROW_MIN_S and grow_by > 1:
+            cfg = cfg.replace(trajectories=grow_by * cfg.trajectories,
+                              block_size=eng["result"].block_size)
+            eng = time_engine(cfg, self.repeats, min_calls=1, probe=peak_rss)
         R, fits = cfg.trajectories, cfg.trajectories * cfg.generations
-        eng = time_engine(cfg, self.repeats, min_calls=2, probe=peak_rss)
         nmp = measure_calls(lambda: simulate_vectorized(cfg), self.repeats, probe=peak_rss)
         res, base = eng["result"], nmp["result"]
         eng_rate, np_rate = fits / eng["run_s"], fits / nmp["run_s"]
-        compiled = eng["compile_s"] > 0
-        clean_cpu = [c for c, k in zip(eng["cpu"], eng["compile"], strict=True) if k == 0.0]
+        compiled = first["compile_s"] > 0
+        clean_cpu = [c for c, k in zip(first["cpu"], first["compile"], strict=True) if k == 0.0]
         with np.errstate(invalid="ignore"):
             steps = float(np.nanmean(np.where(res.summary.count > 0, res.newton_iterations,
                                               np.nan))) if cfg.model == "logistic" else 0.0
@@ -403,19 +423,20 @@ class Runner:
             "n": cfg.n, "d": cfg.d, "generations": cfg.generations, "dtype": cfg.dtype,
             "prng": cfg.prng, "draw": "stats" if cfg.uses_sufficient_statistics else "data",
             "trajectories": R, "fits": fits,
+            "trajectories_planned": asked.trajectories,
             "engine_block_size": res.block_size,
             "engine_calls": eng["calls"],
-            "engine_compile_s": eng["compile_s"] if compiled else None,
-            "engine_compile_cpu_s_est": (max(eng["cpu"][0] - statistics.median(clean_cpu), 0.0)
+            "engine_compile_s": first["compile_s"] if compiled else None,
+            "engine_compile_cpu_s_est": (max(first["cpu"][0] - statistics.median(clean_cpu), 0.0)
                                          if compiled and clean_cpu else None),
-            "engine_first_call_s": eng["first_call_s"],
+            "engine_first_call_s": first["first_call_s"],
             "engine_run_s": eng["run_s"],
             "engine_run_cpu_s": eng["run_cpu_s"],
             "engine_workers": eng["result"].workers,
             "engine_fits_per_s": eng_rate,
             "engine_fits_per_cpu_s": fits / eng["run_cpu_s"] if eng["run_cpu_s"] > 0 else None,
-            "engine_peak_delta_bytes": _max_delta(eng["probe"], skip_first=compiled),
-            "engine_peak_delta_first_call_bytes": _max_delta(eng["probe"][:1]),
+            "engine_peak_delta_bytes": _max_delta(eng["probe"], skip_first=eng is first and compiled),
+            "engine_peak_delta_first_call_bytes": _max_delta(first["probe"][:1]),
             "engine_newton_steps_mean": steps,
             "numpy_calls": nmp["calls"],
             "numpy_run_s": nmp["run_s"],
@@ -441,7 +462,7 @@ class Runner:
             row.update(loop_trajectories=lp["trajectories"], loop_run_s=lp["wall_s"],
                        loop_run_cpu_s=lp["cpu_s"], loop_fits_per_s=lp["fits_per_s"],
                        engine_over_loop=eng_rate / lp["fits_per_s"], alive_loop=lp["alive"])
-        self.rows[cfg] = row
+        self.rows[asked] = row
         return row
 
 
@@ -988,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid_rows, errors = [], []
     for name, cfg in todo["grid"]:
         try:
-            row = runner.measure(cfg, name, loop=loop)
+            row = runner.measure(cfg, name, loop=loop, grow=True)
         except Exception as e:  # one broken case must not lose a long run
             errors.append({"name": name, "error": f"{type(e).__name__}: {e}"})
             print(f"{name.removeprefix('grid/'):36} ERROR {errors[-1]['error']}", flush=True)

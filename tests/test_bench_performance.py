@@ -1,9 +1,10 @@
-"""Cheap checks of benchmarks/bench_performance.py (no engine kernel is compiled here).
+"""Cheap checks of benchmarks/bench_performance.py (one tiny engine kernel is compiled here).
 
 The ceilings probes return positive finite rates, the peak-memory probe sees
 an allocation, the work model counts what docs/performance.md says, the
-target table decides "met?" from the numbers, and a ceilings-only run writes
-a JSON record with the documented top-level keys.
+target table decides "met?" from the numbers, a grid row too short to time
+is measured again on more trajectories with the same kernel, and a
+ceilings-only run writes a JSON record with the documented top-level keys.
 """
 
 from __future__ import annotations
@@ -87,6 +88,26 @@ def test_targets_decide_met_from_the_numbers():
     assert met["ols/subsample/fresh/n100/d10 vs numpy"] is False
     assert met["compile time per kernel shape, median of 2"] is True  # 1.5 s
     assert met["compile time per kernel shape, max of 2"] is False
+
+
+def test_a_short_grid_row_is_measured_again_on_more_trajectories():
+    cfg = collapse_jax.SimulationConfig(model="ols", workflow="subsample", n=12, d=2,
+                                        generations=3, trajectories=32, seed=0)
+    runner = bp.Runner(repeats=2, loop_trajectories=0, ceilings=[])
+    row = runner.measure(cfg, "grid/tiny", loop=False, grow=True)
+    # Calls of a few ms: grown by the largest factor, in blocks of the size it first ran with
+    # (two blocks of 16 on two cores, one of 32 on one), so the same compiled kernel.
+    assert row["trajectories_planned"] == 32
+    assert row["trajectories"] == 32 * bp.ROW_MAX_GROWTH
+    assert row["fits"] == row["trajectories"] * 3
+    assert row["engine_block_size"] == collapse_jax.simulate(cfg).block_size
+    assert row["engine_run_s"] > 0 and row["numpy_run_s"] > 0
+    assert row["alive_engine"] == 1.0 and row["alive_numpy"] == 1.0
+    # A grid lookup returns the grown row; a sweep point (no growth) is measured at its own count.
+    assert runner.measure(cfg, "grid/tiny", loop=False, grow=True) is row
+    point = runner.measure(cfg, "sweep/tiny", loop=False)
+    assert point["trajectories"] == point["trajectories_planned"] == 32
+    assert point["engine_block_size"] == row["engine_block_size"]
 
 
 def test_ceilings_only_run_writes_the_documented_record(tmp_path, capsys, monkeypatch, ceilings):
