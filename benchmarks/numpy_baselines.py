@@ -64,6 +64,13 @@ def _sigmoid(eta: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(0.5 * eta)
 
 
+def _separates(y: np.ndarray, eta: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """collapse_jax's `separates` for logistic data (..., m): every point of positive weight
+    has y = 1 and eta > 0 or y = 0 and eta < 0, so no MLE exists.  Shape (...,)."""
+    right = ((y == 1) & (eta > 0)) | ((y == 0) & (eta < 0))
+    return (right if w is None else right | (w <= 0)).all(-1)
+
+
 def _batched_solve(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Solve a[i] x[i] = b[i] for a (B, d, d), b (B, d); returns (x, ok (B,)).
 
@@ -162,9 +169,8 @@ def newton_logistic(
                 curv = wa * (p * (1 - p))
             grad = np.matmul(resid[:, None, :], xa)[:, 0, :]
             hess = np.matmul(xa.transpose(0, 2, 1) * curv[:, None, :], xa)
-            # collapse_jax's `separates`: an iterate that separates the data ends the fit.
-            right = ((ya == 1) & (eta > 0)) | ((ya == 0) & (eta < 0))
-            separated = (right | (wa <= 0) if w_full is not None else right).all(-1)
+            # An iterate that separates the data ends the fit.
+            separated = _separates(ya, eta, None if w_full is None else wa)
         step, ok = _batched_solve(hess, grad)
         ok &= _cholesky_ok(hess) & ~separated
         new = ta + step
@@ -400,7 +406,7 @@ def _newton_single(x, y, theta, max_iterations):
     start = theta
     for _ in range(max_iterations):
         eta = x @ theta
-        if np.all(((y == 1) & (eta > 0)) | ((y == 0) & (eta < 0))):
+        if _separates(y, eta):
             return start, False  # theta separates the data: no MLE
         p = _sigmoid(eta)
         grad = x.T @ (y - p)
